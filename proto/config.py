@@ -1,0 +1,228 @@
+"""Typed experiment configuration: one YAML file per experiment, environment overrides on top.
+
+Every service reads the same file and uses its own section. Environment variables override any
+key: ``GD2PO_TRAINER__LR=1e-5`` sets ``trainer.lr``; secrets (Redis password, API token) come only
+from the environment. A misspelt key or a wrong type fails at start with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "GD2PO_"
+
+
+class ConfigError(ValueError):
+    """The experiment configuration is invalid; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RunConfig(_Section):
+    name: str = "gd2po-run"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "gd2po"
+    password: SecretStr | None = Field(default=None, description="Set via GD2PO_REDIS__PASSWORD only.")
+
+
+class ModelConfig(_Section):
+    path: Path = Field(
+        default=Path(".cache/models/SmolLM2-135M-Instruct"),
+        description="Local Hugging Face folder (safetensors + config + tokenizer).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_tokens: int = Field(default=1024, gt=0)
+    max_response_tokens: int = Field(default=256, gt=0)
+
+
+class DataConfig(_Section):
+    train_files: list[Path] = Field(
+        default_factory=lambda: [Path("data/tool_calling/rlla_sft400/train.parquet")]
+    )
+    prompt_field: str = "prompt"
+    label_field: str | None = Field(default="reward_model.ground_truth", description="Dotted path or null.")
+    shuffle_seed: int = 0
+
+
+class RewardLaunch(_Section):
+    """How ``gd2po up`` starts this reward locally (ignored when services run elsewhere)."""
+
+    scorer: str
+    replicas: int = Field(default=1, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardEndpoint(_Section):
+    """One reward dimension. Swapping a reward service is changing ``url``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str | list[str] = Field(description="Base URL of the reward service, or a list of replicas.")
+    weight: float = 1.0
+    timeout: float = Field(default=30.0, gt=0)
+    max_concurrency: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    launch: RewardLaunch | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @field_validator("url")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if (isinstance(value, str) and not value) or (isinstance(value, list) and not value):
+            raise ValueError("at least one URL is required")
+        return value
+
+
+class RetryConfig(_Section):
+    attempts: int = Field(default=4, ge=1)
+    backoff_initial: float = Field(default=0.2, gt=0)
+    backoff_max: float = Field(default=5.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0)
+
+
+class RolloutConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8200
+    group_size: int = Field(default=4, ge=1)
+    prompts_per_batch: int = Field(default=8, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_backlog: int = Field(
+        default=64, ge=1, description="Pause generation above this many unconsumed groups."
+    )
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    enforce_eager: bool = True
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    max_batches: int | None = Field(default=None, ge=1, description="Stop after this many batches (tests).")
+
+
+class TrainerConfig(_Section):
+    host: str = "127.0.0.1"
+    metrics_port: int = 8300
+    estimator: str = "gd2po_snr"
+    tau: float = 0.8
+    norm_by_std: bool = True
+    whiten: bool = True
+    keep_rule: Literal["release", "paper"] = "release"
+    reweight: bool = True
+    filter: bool = True
+    prompts_per_step: int = Field(default=8, ge=1)
+    mini_batches: int = Field(default=1, ge=1)
+    ppo_epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_coef: float = Field(default=0.0, ge=0)
+    entropy_coef: float = 0.0
+    recompute_old_logprobs: bool = False
+    max_staleness: int = Field(default=2, ge=0)
+    total_steps: int = Field(default=10, ge=1)
+    publish_every: int = Field(default=1, ge=1)
+    save_every: int = Field(default=5, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+    gradient_checkpointing: bool = False
+    deepspeed: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "zero_optimization": {"stage": 2},
+            "gradient_clipping": 1.0,
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+        },
+        description="DeepSpeed config section, passed to deepspeed.initialize.",
+    )
+
+
+class AuthConfig(_Section):
+    token: SecretStr | None = Field(default=None, description="Bearer token; set via GD2PO_AUTH__TOKEN only.")
+
+
+class ExperimentConfig(BaseSettings):
+    """The whole experiment. Sections: run, redis, model, data, rewards, rollout, trainer, auth."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
+    )
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rewards: list[RewardEndpoint] = Field(default_factory=list)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    synchronous: bool = Field(default=False, description="Generate only after the trainer caught up.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_reward_names(cls, rewards: list[RewardEndpoint]) -> list[RewardEndpoint]:
+        names = [reward.name for reward in rewards]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate reward names: {duplicates}")
+        return rewards
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [reward.name for reward in self.rewards]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the YAML file (passed as init kwargs).
+        return env_settings, init_settings
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """Load an experiment YAML (optional), apply environment overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data.update(loaded)
+    data.update(overrides)
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}:\n{_describe(exc)}") from exc
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """YAML of the effective configuration with secrets masked (for the run folder)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

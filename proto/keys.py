@@ -1,0 +1,59 @@
+"""Redis stream, key and channel names, in one place.
+
+A namespace prefix lets several experiments share one Redis without seeing each other's data.
+"""
+
+from dataclasses import dataclass
+
+TRAINER_CONSUMER_GROUP = "trainer"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """All Redis names used by gd2po for one experiment namespace."""
+
+    namespace: str = "gd2po"
+
+    @property
+    def groups(self) -> str:
+        """Stream of msgpack ScoredGroups, rollout → trainer (consumer group ``trainer``)."""
+        return f"{self.namespace}:groups"
+
+    @property
+    def deadletter(self) -> str:
+        """Stream of DeadLetter records: groups whose rewards failed after retries."""
+        return f"{self.namespace}:deadletter"
+
+    @property
+    def policy(self) -> str:
+        """String key holding the current PolicyAnnouncement (msgpack)."""
+        return f"{self.namespace}:policy"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: a PolicyAnnouncement is published here on every new version."""
+        return f"{self.namespace}:events"
+
+    @property
+    def trained(self) -> str:
+        """Set of group ids already used by an optimizer step (trainer idempotence ledger)."""
+        return f"{self.namespace}:trained"
+
+    @property
+    def stale(self) -> str:
+        """Set of group ids dropped by the trainer as too stale."""
+        return f"{self.namespace}:stale"
+
+    @property
+    def dead(self) -> str:
+        """Set of group ids that went to the dead-letter stream (producer side ledger)."""
+        return f"{self.namespace}:dead"
+
+    @property
+    def produced(self) -> str:
+        """Counter of groups produced; with the three sets it lets tests account for every group."""
+        return f"{self.namespace}:produced"
+
+    @property
+    def trainer_group(self) -> str:
+        return TRAINER_CONSUMER_GROUP

@@ -1,0 +1,224 @@
+"""Pydantic v2 models of every message on the wire (HTTP bodies and Redis payloads).
+
+Validation is strict where a bad value would silently corrupt training: rewards and log-probs must
+be finite, a reward table must be K×G, groups and batches must not be empty, and a failed score
+carries no number.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_ID_LENGTH = 256
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _WireModel(BaseModel):
+    """Messages read from streams: unknown fields are ignored so minor versions can add fields."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=False)
+
+
+class _RequestModel(BaseModel):
+    """HTTP request bodies: unknown fields are refused so a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ChatMessage(_RequestModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class PromptRecord(_WireModel):
+    """One training prompt as a rollout service reads it from a dataset."""
+
+    prompt_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    messages: list[ChatMessage] = Field(min_length=1)
+    label: str | None = Field(default=None, description="Ground truth passed to reward services.")
+    data_source: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Completion(_WireModel):
+    """One sampled response: what the trainer needs to recompute and compare log-probs."""
+
+    token_ids: list[int] = Field(description="Sampled response token ids (no prompt).")
+    logprobs: list[float] = Field(description="Log-prob of each sampled token under the behaviour policy.")
+    text: str
+    finish_reason: Literal["stop", "length", "abort"]
+
+    @field_validator("token_ids")
+    @classmethod
+    def _non_negative_ids(cls, ids: list[int]) -> list[int]:
+        if any(t < 0 for t in ids):
+            raise ValueError("token ids must be non-negative")
+        return ids
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Completion:
+        if len(self.logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries but token_ids has {len(self.token_ids)}"
+            )
+        if any(lp > 1e-4 for lp in self.logprobs):
+            raise ValueError("logprobs must be <= 0")
+        return self
+
+
+class ScoreItem(_RequestModel):
+    """One (prompt, completion) pair to score."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    prompt: str | list[ChatMessage] = Field(description="Chat messages or plain prompt text.")
+    completion: str
+    label: str | None = Field(default=None, description="Optional ground truth for rule-based rewards.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreRequest(_RequestModel):
+    items: list[ScoreItem] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ScoreRequest:
+        seen: set[str] = set()
+        for item in self.items:
+            if item.id in seen:
+                raise ValueError(f"items: duplicate id {item.id!r}")
+            seen.add(item.id)
+        return self
+
+
+class ScoreResult(_WireModel):
+    """Per-item outcome. A failed item has ``score=None`` — never a made-up number."""
+
+    id: str
+    score: float | None = None
+    status: Literal["ok", "error"]
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _score_matches_status(self) -> ScoreResult:
+        if self.status == "ok" and (self.score is None or self.error is not None):
+            raise ValueError("status 'ok' needs a finite score and no error")
+        if self.status == "error" and (self.score is not None or not self.error):
+            raise ValueError("status 'error' needs an error message and score null")
+        return self
+
+
+class ScoreResponse(_WireModel):
+    reward: str
+    version: str
+    results: list[ScoreResult]
+
+
+class RewardInfo(_WireModel):
+    """What a reward service scores, so clients can check they talk to the right one."""
+
+    name: str
+    version: str
+    range: tuple[float, float] | None = Field(default=None, description="(low, high) if bounded.")
+    higher_is_better: bool = True
+    description: str = ""
+    model_id: str | None = None
+
+
+class OpenRLHFRequest(_RequestModel):
+    """OpenRLHF remote reward-model request: ``query`` holds prompt+response texts."""
+
+    query: list[str] = Field(min_length=1)
+    prompts: list[str] | None = None
+    labels: list[str | None] | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> OpenRLHFRequest:
+        for name in ("prompts", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.query):
+                raise ValueError(f"{name} has {len(values)} entries but query has {len(self.query)}")
+        return self
+
+
+class OpenRLHFResponse(_WireModel):
+    rewards: list[float]
+
+
+class ScoredGroup(_WireModel):
+    """G completions of one prompt with a K×G reward table: the unit the trainer consumes."""
+
+    group_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    prompt_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    prompt_token_ids: list[int] = Field(min_length=1)
+    completions: list[Completion] = Field(min_length=1)
+    rewards: dict[str, list[float]] = Field(
+        min_length=1, description="Reward name → G finite scores, in completion order."
+    )
+    policy_version: int = Field(ge=0)
+    created_at: float = Field(description="Unix time generation started.")
+    scored_at: float = Field(description="Unix time the last reward arrived.")
+    producer_id: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _table_is_k_by_g(self) -> ScoredGroup:
+        group_size = len(self.completions)
+        for name, scores in self.rewards.items():
+            if len(scores) != group_size:
+                raise ValueError(
+                    f"rewards[{name!r}] has {len(scores)} scores but the group has {group_size} completions"
+                )
+        return self
+
+    @property
+    def group_size(self) -> int:
+        return len(self.completions)
+
+
+class DeadLetter(_WireModel):
+    """A group that could not be scored, kept whole with the reason so nothing is lost."""
+
+    group_id: str
+    prompt_id: str
+    reason: str = Field(min_length=1)
+    failed_rewards: list[str] = Field(min_length=1)
+    policy_version: int = Field(ge=0)
+    producer_id: str = ""
+    created_at: float
+    completions: list[Completion] = Field(default_factory=list)
+    partial_rewards: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class PolicyAnnouncement(_WireModel):
+    """Where the weights of a policy version live; rollout services reload from it."""
+
+    version: int = Field(ge=0)
+    path: str = Field(min_length=1, description="Directory with safetensors + config + tokenizer.")
+    sha256: str = Field(description="Digest of the folder's weight files (see trainer publisher).")
+    step: int = Field(ge=0)
+    created_at: float
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError("sha256 must be 64 lowercase hex characters")
+        return value
+
+
+WIRE_MODELS: tuple[type[BaseModel], ...] = (
+    PromptRecord,
+    Completion,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResult,
+    ScoreResponse,
+    RewardInfo,
+    OpenRLHFRequest,
+    OpenRLHFResponse,
+    ScoredGroup,
+    DeadLetter,
+    PolicyAnnouncement,
+)
