@@ -25,7 +25,10 @@ class SchemaVersionError(CodecError):
 def encode(message: BaseModel) -> bytes:
     """Serialise a proto model into a versioned msgpack envelope."""
     envelope = {"v": SCHEMA_VERSION, "type": type(message).__name__, "body": message.model_dump(mode="json")}
-    return msgpack.packb(envelope, use_bin_type=True)
+    try:
+        return msgpack.packb(envelope, use_bin_type=True)
+    except (OverflowError, TypeError) as exc:
+        raise CodecError(f"{type(message).__name__} cannot be encoded as msgpack: {exc}") from exc
 
 
 def decode(data: bytes, model: type[M]) -> M:

