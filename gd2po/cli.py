@@ -10,7 +10,9 @@ from gd2po.models import DEFAULT_MODEL_DIR
 
 app = typer.Typer(help="gd2po: multi-reward RL post-training with GD²PO.", no_args_is_help=True)
 model_app = typer.Typer(help="Offline model preparation.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluation against a running OpenAI-compatible server.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(eval_app, name="eval")
 
 
 @app.command()
@@ -40,6 +42,43 @@ def report(run_dir: Path = typer.Argument(..., exists=True, file_okay=False)) ->
 
     for path in write_report(run_dir):
         typer.echo(path)
+
+
+@eval_app.command("api-bank")
+def eval_api_bank(
+    url: str = typer.Option(..., help="Base URL of an OpenAI-compatible server (rollout service or vLLM)."),
+    model: str = typer.Option("policy", help="Model name to send in requests."),
+    data_dir: Path = typer.Option(Path("data/tool_calling/api_bank"), exists=True, file_okay=False),
+    limit: int | None = typer.Option(None, help="Only the first N items of each level (smoke runs)."),
+    max_tokens: int = typer.Option(4096),
+    concurrency: int = typer.Option(8),
+    output: Path | None = typer.Option(None, help="Write per-item scores and outputs as JSONL."),
+) -> None:
+    """API-Bank tool-calling accuracy (597 items, greedy), per level and overall."""
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gd2po.evaluate import evaluate_api_bank
+
+    summary, _ = evaluate_api_bank(
+        url,
+        model=model,
+        data_dir=data_dir,
+        limit=limit,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        token=os.environ.get("GD2PO_AUTH__TOKEN"),
+        output=output,
+    )
+    table = Table(title="API-Bank")
+    columns = ("items", "accuracy", "format_pass_rate", "length_score", "think_words")
+    for column in ("split", *columns):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, values in summary.items():
+        table.add_row(split, *(f"{values[c]:g}" for c in columns))
+    Console().print(table)
 
 
 @model_app.command("prepare")

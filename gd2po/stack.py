@@ -100,7 +100,24 @@ class Stack:
             {**shared, "GD2PO_ROLLOUT__PORT": str(rollout_port), "GD2PO_ROLLOUT__HOST": "127.0.0.1"},
             f"{self.rollout_url}/readyz",
         )
+        self._write_manifest()
         self.wait_ready()
+
+    def _write_manifest(self) -> None:
+        """services.json: where every child listens and its pid, for operators and tests."""
+        manifest = {
+            "redis_url": self.redis_url,
+            "services": [
+                {
+                    "name": s.child.name,
+                    "pid": s.child.pid,
+                    "url": s.ready_url.removesuffix("/readyz") if s.ready_url else None,
+                    "log": str(s.child.log_path),
+                }
+                for s in self.services
+            ],
+        }
+        (self.run_dir / "services.json").write_text(json.dumps(manifest, indent=2))
 
     def _start_redis(self) -> None:
         external = os.environ.get("GD2PO_REDIS__URL") or os.environ.get("REDIS_URL")
