@@ -20,12 +20,24 @@ def up(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML (configs/…)."),
     run_dir: Path | None = typer.Option(None, help="Run folder (default runs/<name>-<timestamp>)."),
     progress: bool = typer.Option(True, help="Show the live progress view and final summary."),
+    pin: list[str] = typer.Option(
+        [],
+        help="Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward).",
+    ),
 ) -> None:
     """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
-    from gd2po.stack import StackError, run_stack
+    from gd2po.stack import ROLES, StackError, run_stack
 
+    if any("=" not in item for item in pin):
+        raise typer.BadParameter("expected ROLE=CPUS, e.g. trainer=1", param_hint="--pin")
+    pins = dict(item.split("=", 1) for item in pin)
+    unknown = set(pins) - set(ROLES.values())
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown role(s) {sorted(unknown)}; use {sorted(ROLES.values())}", param_hint="--pin"
+        )
     try:
-        folder = run_stack(config, run_dir=run_dir, progress=progress)
+        folder = run_stack(config, run_dir=run_dir, progress=progress, pin=pins)
     except StackError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

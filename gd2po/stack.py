@@ -24,6 +24,16 @@ from gd2po.redis_server import RedisProcess, free_port
 from proto.config import ExperimentConfig, dump_config, load_config
 
 READY_TIMEOUT_S = 600.0
+ROLES = {"trainer": "trainer", "rollout_service": "rollout", "reward_service": "reward"}
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a taskset list such as ``0``, ``0,2`` or ``0-3``."""
+    count = 0
+    for part in cpu_list.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 class StackError(RuntimeError):
@@ -47,6 +57,7 @@ class Stack:
     redis_url: str = ""
     rollout_url: str = ""
     trainer_url: str = ""
+    pin: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainer(self) -> Child:
@@ -210,7 +221,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_stack(config_path: Path, *, run_dir: Path | None = None, progress: bool = True) -> Path:
+def run_stack(
+    config_path: Path,
+    *,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    pin: dict[str, str] | None = None,
+) -> Path:
     """Run the stack until the trainer finishes; always stop every child. Returns the run folder."""
     from gd2po.progress import follow_run
     from gd2po.report import write_report
@@ -219,7 +236,7 @@ def run_stack(config_path: Path, *, run_dir: Path | None = None, progress: bool 
     config = load_config(config_path)
     repo_root = Path.cwd()
     run_dir = Path(run_dir or new_run_dir(config)).resolve()
-    stack = Stack(config_path=config_path, config=config, run_dir=run_dir, repo_root=repo_root)
+    stack = Stack(config_path=config_path, config=config, run_dir=run_dir, repo_root=repo_root, pin=pin or {})
     with _sigterm_as_interrupt():
         try:
             stack.start()

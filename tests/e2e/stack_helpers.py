@@ -1,0 +1,106 @@
+"""Helpers for the end-to-end tests: a tiny-model experiment config, watching a running ``gd2po up``
+through its services.json manifest, and scraping every service's /metrics while it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_stack_config(
+    tmp_path: Path,
+    model_dir: Path,
+    *,
+    steps: int = 4,
+    correctness_replicas: int = 1,
+    synchronous: bool = False,
+) -> Path:
+    """The demo config shrunk to a tiny model and short responses so a few steps take seconds."""
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tool_calling_smollm2_cpu.yaml").read_text())
+    config["run"] = {"name": "e2e", "output_dir": str(tmp_path / "runs" / "e2e"), "seed": 0}
+    config["model"].update(path=str(model_dir), max_response_tokens=16, max_prompt_tokens=2048)
+    config["rewards"][0]["launch"]["replicas"] = correctness_replicas
+    config["rollout"].update(prompts_per_batch=2, max_backlog=6)
+    config["trainer"].update(
+        total_steps=steps, prompts_per_step=2, save_every=steps, max_staleness=2, lr=1e-4
+    )
+    config["synchronous"] = synchronous
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_gd2po_up(config: Path, run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gd2po.cli", "up", str(config), "--run-dir", str(run_dir), "--no-progress"],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_manifest(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> dict:
+    path = run_dir / "services.json"
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"gd2po up never wrote services.json:\n{process.communicate()[0]}")
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def scrape_all(manifest: dict) -> dict[str, str]:
+    """name → /metrics text for every HTTP service that answers right now."""
+    scraped = {}
+    with httpx.Client(timeout=3.0) as client:
+        for service in manifest["services"]:
+            if service["url"]:
+                try:
+                    response = client.get(f"{service['url']}/metrics")
+                except httpx.TransportError:
+                    continue
+                if response.status_code == 200:
+                    scraped[service["name"]] = response.text
+    return scraped
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not a leftover process: it has exited and waits for its parent.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def processes_in_session(sid: int) -> list[int]:
+    """PIDs still alive in a session (each child of the stack leads its own session)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # fields: state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
