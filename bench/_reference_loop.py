@@ -43,7 +43,7 @@ def reference_advantages(
             if len(rows) == 1:
                 mean, std = 0.0, 1.0
             elif torch.all(values == values[0]):
-                continue  # identical rewards: exactly zero
+                continue  # identical rewards: exactly zero (test rewards are exact, so no tolerance)
             else:
                 mean, std = values.mean(), values.std()
             out[rows] = (values - mean) / (std + 1e-6) if norm_by_std else values - mean
@@ -58,7 +58,13 @@ def reference_advantages(
     if estimator == "grpo":
         adv = normalize(rewards @ w)
         ones = torch.ones(n, dtype=torch.bool)
-        return {"advantages": adv[:, None] * mask, "keep": ones, "conflict": conflict, "rho": rho}
+        return {
+            "advantages": adv[:, None] * mask,
+            "keep": ones,
+            "conflict": conflict,
+            "rho": rho,
+            "kappa": ones.double(),
+        }
 
     if estimator == "gdpo":
         passes = torch.ones(n, dtype=torch.bool)
@@ -86,4 +92,10 @@ def reference_advantages(
             mean = (values * token_weights).sum() / total
             variance = ((values - mean) ** 2 * token_weights).sum() / total * total / (total - 1)
             values = (values - mean) / torch.sqrt(variance + 1e-8)
-    return {"advantages": values * token_weights, "keep": keep, "conflict": conflict, "rho": rho, "kappa": kappa}
+    return {
+        "advantages": values * token_weights,
+        "keep": keep,
+        "conflict": conflict,
+        "rho": rho,
+        "kappa": kappa,
+    }

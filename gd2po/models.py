@@ -42,7 +42,7 @@ def prepare_smollm2(target: Path = DEFAULT_MODEL_DIR, dtype: str = "float32") ->
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain model from the config.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = dtype
+    config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def _per_rollout_advantages(decision: Decision, response_mask: Tensor, whiten: b
     keep = decision.keep
     if not (decision.whiten and whiten):
         return torch.where(keep, decision.scores, 0.0), False
-    lengths = response_mask.sum(dim=1).to(torch.float64)
+    lengths = response_mask.sum(dim=1, dtype=torch.float32).to(torch.float64)  # exact below 2**24 tokens
     token_weights = torch.where(keep, lengths, 0.0)
     single_kept_token = bool(token_weights.sum() == 1)
     return torch.where(keep, masked_whiten(decision.scores, token_weights), 0.0), single_kept_token

@@ -27,6 +27,8 @@ class Options:
 
 @dataclass(frozen=True)
 class Batch:
+    """What an estimator sees; float64 unless noted."""
+
     rewards: Tensor  # [N, K] raw rewards
     weights: Tensor  # [K] reward weights w
     groups: Groups

@@ -17,6 +17,8 @@ from trainer.algorithms.grouping import group_mean, group_normalize
 
 @dataclass(frozen=True)
 class Decision:
+    """What an estimator returns; `compute_advantages` whitens, masks and broadcasts it to tokens."""
+
     scores: Tensor  # [N] float64 per-rollout advantage before batch whitening
     keep: Tensor  # [N] bool: rollouts that train; the others end with advantage exactly 0
     group_keep: Tensor  # [G] float64 fraction of each group passing the keep rule (κ, for metrics)
