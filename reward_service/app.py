@@ -1,0 +1,173 @@
+"""FastAPI app factory: one scorer behind ``/v1/score``, ``/v1/info``, the OpenRLHF route and the ops
+routes. Failures stay per item (``status=error``, ``score=null``); oversize → 413, busy → 429."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from proto import (
+    OpenRLHFRequest,
+    OpenRLHFResponse,
+    RewardInfo,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+)
+from proto.ops import ErrorBody, add_ops_routes, bearer_auth
+from reward_service.metrics import RewardMetrics
+from reward_service.scorers import Scorer
+from reward_service.settings import ServiceSettings
+
+ERRORS = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    413: {"model": ErrorBody, "description": "body or batch too large"},
+    429: {"model": ErrorBody, "description": "too many concurrent requests"},
+    503: {"model": ErrorBody, "description": "scorer not loaded yet"},
+}
+
+
+class _Busy:
+    """Admission control: at most ``limit`` scoring requests at once; the rest get 429 immediately."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+
+    def __enter__(self) -> None:
+        if self.active >= self.limit:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS, detail=f"more than {self.limit} requests in flight"
+            )
+        self.active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+
+
+def _result(item_id: str, value: float | Exception) -> ScoreResult:
+    if isinstance(value, Exception):
+        return ScoreResult(
+            id=item_id, status="error", error=f"{type(value).__name__}: {value}"[:500] or "error"
+        )
+    if not math.isfinite(value):
+        return ScoreResult(id=item_id, status="error", error=f"scorer returned a non-finite score ({value})")
+    return ScoreResult(id=item_id, score=float(value), status="ok")
+
+
+def create_app(
+    scorer: Scorer, settings: ServiceSettings | None = None, *, token: str | None = None
+) -> FastAPI:
+    """Build the app; the scorer is loaded at startup and ``/readyz`` turns 200 once it is."""
+    settings = settings or ServiceSettings()
+    token = token or (settings.token.get_secret_value() if settings.token else None)
+    info: RewardInfo = scorer.info()
+    metrics = RewardMetrics(info.name)
+    busy = _Busy(settings.max_concurrent_requests)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(scorer.load)
+        state["ready"] = True
+        yield
+        state["ready"] = False
+
+    app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=lifespan)
+    add_ops_routes(app, is_ready=lambda: state["ready"], registry=metrics.registry)
+    auth = bearer_auth(token)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            metrics.rejected.labels(info.name, "body_too_large").inc()
+            return JSONResponse(
+                {"detail": f"body larger than {settings.max_body_bytes} bytes"}, status_code=413
+            )
+        return await call_next(request)
+
+    async def run(items: list[ScoreItem], route: str) -> list[ScoreResult]:
+        if not state["ready"]:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="scorer is still loading")
+        if len(items) > settings.max_batch_items:
+            metrics.rejected.labels(info.name, "batch_too_large").inc()
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                detail=f"items: {len(items)} items exceed the limit of {settings.max_batch_items}",
+            )
+        with busy:
+            metrics.inflight.labels(info.name).inc()
+            started = time.perf_counter()
+            try:
+                values = (
+                    await run_in_threadpool(scorer.score, items) if scorer.blocking else scorer.score(items)
+                )
+            finally:
+                metrics.inflight.labels(info.name).dec()
+            metrics.latency.labels(info.name, route).observe(time.perf_counter() - started)
+        metrics.batch_size.labels(info.name).observe(len(items))
+        results = [_result(item.id, value) for item, value in zip(items, values, strict=True)]
+        for result, value in zip(results, values, strict=True):
+            metrics.items.labels(info.name, result.status).inc()
+            if result.status == "error":
+                kind = type(value).__name__ if isinstance(value, Exception) else "NonFiniteScore"
+                metrics.errors.labels(info.name, kind).inc()
+        return results
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics.requests.labels(info.name, request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/v1/info", response_model=RewardInfo, tags=["reward"])
+    def get_info() -> RewardInfo:
+        return info
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses={k: v for k, v in ERRORS.items()},
+        dependencies=[Depends(auth)],
+        tags=["reward"],
+    )
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        """Score a batch; each item gets a finite score (status ok) or an error (score null)."""
+        results = await run(request.items, "/v1/score")
+        return ScoreResponse(reward=info.name, version=info.version, results=results)
+
+    @app.post(
+        "/v1/openrlhf",
+        response_model=OpenRLHFResponse,
+        responses={
+            **ERRORS,
+            503: {"model": ErrorBody, "description": "scorer not loaded, or some items failed"},
+        },
+        dependencies=[Depends(auth)],
+        tags=["reward"],
+    )
+    async def openrlhf(request: OpenRLHFRequest) -> OpenRLHFResponse:
+        """OpenRLHF remote-RM shape. ``query`` is prompt+response; a failed item fails the call (no fake 0)."""
+        prompts = request.prompts or [""] * len(request.query)
+        labels = request.labels or [None] * len(request.query)
+        items = [
+            ScoreItem(id=str(i), prompt=p, completion=q[len(p) :] if q.startswith(p) else q, label=label)
+            for i, (q, p, label) in enumerate(zip(request.query, prompts, labels, strict=True))
+        ]
+        results = await run(items, "/v1/openrlhf")
+        failed = [r for r in results if r.status == "error"]
+        if failed:
+            summary = "; ".join(f"query[{r.id}]: {r.error}" for r in failed[:5])
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"{len(failed)} item(s) failed: {summary}"
+            )
+        return OpenRLHFResponse(rewards=[r.score for r in results])
+
+    return app

@@ -1,0 +1,159 @@
+"""Tool-calling rewards of the GD²PO release (data/README.md §1.5): correctness in [−3, 3] with greedy
+partial credit, format 0/1 against the ground truth's block layout, think length / 512."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+from proto import RewardInfo, ScoreItem
+from reward_service.scorers.base import ItemScore, Scorer, per_item, register_scorer
+
+CORRECT_MAX, CORRECT_MIN = 3.0, -3.0
+LENGTH_TARGET_WORDS = 512
+
+_THINK = r"^<think>.*?</think>"
+_FORMAT_RULES: dict[tuple[bool, bool], tuple[re.Pattern[str], tuple[str, ...]]] = {
+    (True, False): (
+        re.compile(_THINK + r"\n<tool_call>\n.*?\n</tool_call>$", re.DOTALL),
+        ("<tool_call>", "</tool_call>"),
+    ),
+    (False, True): (
+        re.compile(_THINK + r"\n<response>.*?</response>$", re.DOTALL),
+        ("<response>", "</response>"),
+    ),
+    (True, True): (
+        re.compile(_THINK + r"\n<tool_call>\n.*?\n</tool_call>\n<response>.*?</response>$", re.DOTALL),
+        ("<tool_call>", "</tool_call>", "<response>", "</response>"),
+    ),
+    (False, False): (re.compile(_THINK + r"$", re.DOTALL), ()),
+}
+
+
+class MissingLabel(ValueError):
+    """The item has no ground truth; rule-based tool-calling rewards need one."""
+
+
+def _label(item: ScoreItem) -> str:
+    if item.label is None:
+        raise MissingLabel(f"item {item.id!r}: label (the ground-truth completion) is required")
+    return item.label
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """Calls between the first <tool_call> and the next </tool_call>, one JSON object per line.
+
+    Raises on anything the release scores as a failure: a missing block, a line that is not JSON,
+    a call without ``name`` or with non-dict ``parameters``.
+    """
+    start = text.index("<tool_call>") + len("<tool_call>")
+    end = text.index("</tool_call>", start)
+    calls = [json.loads(line) for line in text[start:end].strip().split("\n")]
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call["name"], str):
+            raise ValueError("a call must be an object with a string 'name'")
+        if not isinstance(call["parameters"], dict):
+            raise ValueError("a call's 'parameters' must be an object")
+    return calls
+
+
+def match(a: list[Any], b: list[Any]) -> float:
+    """1 for equal ordered lists, 0 if either is empty, else multiset Jaccard."""
+    if a == b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    common = sum((Counter(a) & Counter(b)).values())
+    return common / (len(a) + len(b) - common)
+
+
+def _call_credit(truth: dict[str, Any], candidate: dict[str, Any]) -> float:
+    expected, given = truth["parameters"], candidate["parameters"]
+    same_values = sum(1 for key, value in expected.items() if key in given and given[key] == value)
+    return match(list(expected), list(given)) + same_values
+
+
+def correctness(response: str, ground_truth: str) -> float:
+    """+3 for the exact calls, −3 for unparsable ones, else 6·S/M − 3 with greedy partial credit."""
+    if "<tool_call>" not in ground_truth:
+        return 0.0
+    truth = parse_tool_calls(ground_truth)
+    try:
+        predicted = parse_tool_calls(response)
+    except (ValueError, KeyError, TypeError):
+        return CORRECT_MIN
+    if truth == predicted:
+        return CORRECT_MAX
+    score = match([t["name"] for t in truth], [p["name"] for p in predicted])
+    maximum = 1.0
+    used: set[int] = set()
+    for expected in truth:
+        maximum += 1 + len(expected["parameters"])
+        best_index, best_credit = -1, 0.0
+        for index, candidate in enumerate(predicted):
+            if index in used or candidate["name"] != expected["name"]:
+                continue
+            credit = _call_credit(expected, candidate)
+            if credit > best_credit:
+                best_index, best_credit = index, credit
+        if best_index >= 0:
+            score += best_credit
+            used.add(best_index)
+    return (CORRECT_MAX - CORRECT_MIN) * score / maximum + CORRECT_MIN
+
+
+def format_reward(response: str, ground_truth: str) -> float:
+    """1 if the response has exactly the ground truth's block layout, else 0."""
+    kind = ("<tool_call>" in ground_truth, "<response>" in ground_truth)
+    pattern, single_tags = _FORMAT_RULES[kind]
+    if not pattern.search(response):
+        return 0.0
+    return float(all(response.count(tag) == 1 for tag in single_tags))
+
+
+def think_length(response: str) -> float:
+    """Words in the last think block / 512, rounded to 2 decimals, capped at 1."""
+    if "<think>" not in response or "</think>" not in response:
+        return 0.0
+    thought = response.split("<think>")[-1].split("</think>")[0].strip()
+    return min(1.0, round(len(thought.split()) / LENGTH_TARGET_WORDS, 2))
+
+
+class _ToolCallScorer(Scorer):
+    reward: str
+    bounds: tuple[float, float]
+    description: str
+
+    def info(self) -> RewardInfo:
+        return RewardInfo(
+            name=self.reward, version=self.version, range=self.bounds, description=self.description
+        )
+
+
+@register_scorer("tool_call.correctness")
+class ToolCallCorrectness(_ToolCallScorer):
+    reward, bounds = "correctness", (CORRECT_MIN, CORRECT_MAX)
+    description = "Tool-call correctness vs the ground truth (GD²PO release rules), in [-3, 3]."
+
+    def score(self, items: list[ScoreItem]) -> list[ItemScore]:
+        return per_item(items, lambda item: correctness(item.completion.strip(), _label(item)))
+
+
+@register_scorer("tool_call.format")
+class ToolCallFormat(_ToolCallScorer):
+    reward, bounds = "format", (0.0, 1.0)
+    description = "1 if the completion's think/tool_call/response layout matches the ground truth's."
+
+    def score(self, items: list[ScoreItem]) -> list[ItemScore]:
+        return per_item(items, lambda item: format_reward(item.completion.strip(), _label(item)))
+
+
+@register_scorer("tool_call.length")
+class ToolCallLength(_ToolCallScorer):
+    reward, bounds = "length", (0.0, 1.0)
+    description = "Words in the last <think> block / 512, capped at 1."
+
+    def score(self, items: list[ScoreItem]) -> list[ItemScore]:
+        return per_item(items, lambda item: think_length(item.completion.strip()))
