@@ -63,7 +63,7 @@ def main(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scorer/--option") from exc
     uvicorn.run(
-        create_app(instance, token=token),
+        create_app(instance, token=token, name=reward),
         host=host,
         port=port,
         log_level="warning",
