@@ -61,12 +61,22 @@ def _result(item_id: str, value: float | Exception) -> ScoreResult:
 
 
 def create_app(
-    scorer: Scorer, settings: ServiceSettings | None = None, *, token: str | None = None
+    scorer: Scorer,
+    settings: ServiceSettings | None = None,
+    *,
+    token: str | None = None,
+    name: str | None = None,
 ) -> FastAPI:
-    """Build the app; the scorer is loaded at startup and ``/readyz`` turns 200 once it is."""
+    """Build the app; the scorer is loaded at startup and ``/readyz`` turns 200 once it is.
+
+    ``name`` is the reward's name in the experiment (defaults to the scorer's own), used in
+    responses and metric labels so swapping a scorer keeps the reward's identity.
+    """
     settings = settings or ServiceSettings()
     token = token or (settings.token.get_secret_value() if settings.token else None)
     info: RewardInfo = scorer.info()
+    if name:
+        info = info.model_copy(update={"name": name})
     metrics = RewardMetrics(info.name)
     busy = _Busy(settings.max_concurrent_requests)
     state = {"ready": False}
