@@ -55,5 +55,10 @@ class RedisKeys:
         return f"{self.namespace}:produced"
 
     @property
+    def prompt_position(self) -> str:
+        """Hash producer id → JSON position of its prompt source, so a restarted rollout resumes."""
+        return f"{self.namespace}:prompt_position"
+
+    @property
     def trainer_group(self) -> str:
         return TRAINER_CONSUMER_GROUP

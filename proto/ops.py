@@ -62,12 +62,20 @@ def add_ops_routes(
     app: FastAPI,
     *,
     is_ready: Callable[[], bool],
+    is_alive: Callable[[], bool] = lambda: True,
     registry: CollectorRegistry = REGISTRY,
 ) -> None:
-    """Register /healthz (process alive), /readyz (can do its job) and /metrics on ``app``."""
+    """Register /healthz (process alive and not failed), /readyz (can do its job) and /metrics."""
 
-    @app.get("/healthz", response_model=Health, tags=["ops"])
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": ErrorBody, "description": "a fatal error occurred"}},
+        tags=["ops"],
+    )
     def healthz() -> Health:
+        if not is_alive():
+            raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail="failed")
         return Health(status="ok")
 
     @app.get(

@@ -26,6 +26,9 @@ def serve(app, *, ready_path: str = "/healthz", timeout: float = 60.0) -> Iterat
         try:
             if httpx.get(url + ready_path, timeout=1.0).status_code == 200:
                 break
+            if httpx.get(url + "/healthz", timeout=1.0).status_code != 200:
+                server.should_exit = True
+                raise RuntimeError(f"server on {url} reports a fatal error (see the log)")
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or not thread.is_alive():

@@ -1,0 +1,164 @@
+"""The rollout pipeline: prompts → vLLM (G samples each) → reward fan-out → Redis.
+
+Generation of batch n+1 runs in a worker thread while batch n is being scored, so reward latency hides
+behind generation. Weights are synced between batches. Asynchronous by default (bounded by the backlog);
+in synchronous mode a batch is generated only once the trainer has finished with everything before it
+(backlog 0), so every group is on-policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from proto import Completion, DeadLetter, PromptRecord, ScoredGroup, ScoreItem
+from proto.config import ExperimentConfig
+from rollout_service.engine import Engine, Sampling
+from rollout_service.metrics import RolloutMetrics
+from rollout_service.producer import Producer
+from rollout_service.prompts import PromptSource
+from rollout_service.rewards_client import RewardClient, RewardFailure
+from rollout_service.weights import PolicyFollower
+
+log = logging.getLogger("rollout_service.loop")
+POLL_S = 0.2
+
+
+class RolloutLoop:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        engine: Engine,
+        prompts: PromptSource,
+        rewards: RewardClient,
+        producer: Producer,
+        policy: PolicyFollower,
+        metrics: RolloutMetrics,
+        producer_id: str | None = None,
+    ):
+        self.config, self.engine, self.prompts, self.rewards = config, engine, prompts, rewards
+        self.producer, self.policy, self.metrics = producer, policy, metrics
+        self.producer_id = producer_id or f"rollout-{uuid.uuid4().hex[:8]}"
+        self.batches = 0
+        self.stopping = asyncio.Event()
+        self.sampling = Sampling(
+            n=config.rollout.group_size,
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            max_tokens=config.model.max_response_tokens,
+        )
+
+    async def run(self) -> None:
+        scoring: asyncio.Task | None = None
+        try:
+            while not self.stopping.is_set() and not self._done():
+                await self._wait_for_room(scoring)
+                if self.stopping.is_set():
+                    break
+                await asyncio.to_thread(self.policy.sync)
+                batch = await asyncio.to_thread(self._generate)
+                if scoring is not None:
+                    await scoring  # keep at most one batch in scoring
+                scoring = asyncio.create_task(self._score_and_publish(*batch))
+                self.batches += 1
+        finally:
+            if scoring is not None:
+                await scoring
+
+    def _done(self) -> bool:
+        limit = self.config.rollout.max_batches
+        return limit is not None and self.batches >= limit
+
+    async def _wait_for_room(self, scoring: asyncio.Task | None) -> None:
+        """Backpressure: wait while the trainer is behind (synchronous mode: until it caught up)."""
+        last = time.perf_counter()
+        while not self.stopping.is_set():
+            if self.config.synchronous and scoring is not None:
+                await scoring  # its groups must be in Redis before "caught up" means anything
+            depth = await asyncio.to_thread(self.producer.backlog)
+            self.metrics.backlog.set(depth)
+            caught_up = depth == 0 if self.config.synchronous else depth < self.config.rollout.max_backlog
+            if caught_up:
+                return
+            await asyncio.sleep(POLL_S)
+            now = time.perf_counter()
+            self.metrics.backpressure_seconds.inc(now - last)  # live, so a stalled trainer shows at once
+            last = now
+
+    def _generate(self) -> tuple[list[PromptRecord], list[list[int]], list[list[Completion]], int, float]:
+        records = self.prompts.take(self.config.rollout.prompts_per_batch)
+        prompt_ids = [self.engine.prompt_ids([m.model_dump() for m in r.messages]) for r in records]
+        version, started = self.policy.version, time.time()
+        tick = time.perf_counter()
+        completions = self.engine.generate(prompt_ids, self.sampling)
+        elapsed = time.perf_counter() - tick
+        tokens = sum(len(c.token_ids) for group in completions for c in group)
+        self.metrics.generation_seconds.observe(elapsed)
+        self.metrics.tokens.inc(tokens)
+        self.metrics.tokens_per_second.set(tokens / elapsed if elapsed > 0 else 0.0)
+        self.producer.client.hset(self.producer.keys.prompt_position, self.producer_id, self.prompts.state())
+        return records, prompt_ids, completions, version, started
+
+    async def _score_and_publish(
+        self,
+        records: list[PromptRecord],
+        prompt_ids: list[list[int]],
+        completions: list[list[Completion]],
+        version: int,
+        started: float,
+    ) -> None:
+        group_ids = [f"{self.producer_id}-{self.batches}-{i}" for i in range(len(records))]
+        scored, dead = [], []
+        outcomes = await asyncio.gather(
+            *(self._score_group(r, g) for r, g in zip(records, completions, strict=True)),
+            return_exceptions=True,
+        )
+        for record, ids, group, group_id, outcome in zip(
+            records, prompt_ids, completions, group_ids, outcomes, strict=True
+        ):
+            if isinstance(outcome, RewardFailure):
+                self.metrics.deadletter.labels(outcome.reward).inc()
+                dead.append(
+                    DeadLetter(
+                        group_id=group_id,
+                        prompt_id=record.prompt_id,
+                        reason=str(outcome),
+                        failed_rewards=[outcome.reward],
+                        policy_version=version,
+                        producer_id=self.producer_id,
+                        created_at=started,
+                        completions=group,
+                    )
+                )
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            scored.append(
+                ScoredGroup(
+                    group_id=group_id,
+                    prompt_id=record.prompt_id,
+                    prompt_token_ids=ids,
+                    completions=group,
+                    rewards=outcome,
+                    policy_version=version,
+                    created_at=started,
+                    scored_at=time.time(),
+                    producer_id=self.producer_id,
+                    metadata={"label": record.label, "data_source": record.data_source},
+                )
+            )
+        if dead:
+            log.warning("dead-lettered %d group(s): %s", len(dead), dead[0].reason)
+            await asyncio.to_thread(self.producer.dead_letter, dead)
+        if scored:
+            await asyncio.to_thread(self.producer.publish, scored)
+            self.metrics.groups.inc(len(scored))
+
+    async def _score_group(self, record: PromptRecord, group: list[Completion]) -> dict[str, list[float]]:
+        items = [
+            ScoreItem(id=str(i), prompt=record.messages, completion=c.text, label=record.label)
+            for i, c in enumerate(group)
+        ]
+        return await self.rewards.score(items)

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the rollout service (own registry)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class RolloutMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.tokens = Counter("gd2po_rollout_generated_tokens", "Response tokens generated", registry=r)
+        self.groups = Counter("gd2po_rollout_groups", "ScoredGroups pushed to Redis", registry=r)
+        self.tokens_per_second = Gauge(
+            "gd2po_rollout_tokens_per_second", "Generation speed of the last batch", registry=r
+        )
+        self.generation_seconds = Histogram(
+            "gd2po_rollout_generation_seconds", "Wall time to generate one batch", buckets=SECONDS, registry=r
+        )
+        self.reward_call_seconds = Histogram(
+            "gd2po_rollout_reward_call_seconds",
+            "Reward call latency",
+            ["reward", "endpoint"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.reward_retries = Counter(
+            "gd2po_rollout_reward_retries", "Reward calls retried", ["reward", "endpoint"], registry=r
+        )
+        self.reward_failures = Counter(
+            "gd2po_rollout_reward_failures",
+            "Reward call attempts that failed",
+            ["reward", "endpoint"],
+            registry=r,
+        )
+        self.deadletter = Counter(
+            "gd2po_rollout_deadletter",
+            "Groups sent to the dead-letter stream, by failing reward",
+            ["reward"],
+            registry=r,
+        )
+        self.backlog = Gauge("gd2po_rollout_backlog", "Groups produced but not yet trained on", registry=r)
+        self.backpressure_seconds = Counter(
+            "gd2po_rollout_backpressure_seconds", "Time spent waiting for the trainer", registry=r
+        )
+        self.policy_version = Gauge(
+            "gd2po_rollout_policy_version", "Policy version being sampled", registry=r
+        )
+        self.reload_seconds = Histogram(
+            "gd2po_rollout_weight_reload_seconds",
+            "Time to reload weights in place",
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            "gd2po_rollout_weight_reload_failures", "Weight reloads refused or failed", registry=r
+        )

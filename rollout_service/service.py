@@ -1,0 +1,104 @@
+"""Wire the rollout service together: engine, prompts, rewards client, producer, policy follower, loop
+and HTTP API. The engine loads in the background so /healthz answers at once and /readyz when ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from proto.config import ExperimentConfig
+from proto.keys import RedisKeys
+from proto.redis_conn import connect
+from rollout_service.api import create_api
+from rollout_service.engine import Engine
+from rollout_service.loop import RolloutLoop
+from rollout_service.metrics import RolloutMetrics
+from rollout_service.producer import Producer
+from rollout_service.prompts import PromptSource
+from rollout_service.rewards_client import RewardClient
+from rollout_service.weights import PolicyFollower
+
+log = logging.getLogger("rollout_service")
+
+
+class RolloutService:
+    def __init__(self, config: ExperimentConfig, *, run_loop: bool = True, on_fatal=None):
+        self.config, self.run_loop, self.on_fatal = config, run_loop, on_fatal
+        self.metrics = RolloutMetrics()
+        self.keys = RedisKeys(config.redis.namespace)
+        self.engine: Engine | None = None
+        self.policy: PolicyFollower | None = None
+        self.loop: RolloutLoop | None = None
+        self.ready = False
+        self.failure: BaseException | None = None
+        token = config.auth.token.get_secret_value() if config.auth.token else None
+        self.token = token
+        self.app: FastAPI = create_api(
+            engine=lambda: self.engine,
+            policy=lambda: self.policy,
+            metrics=self.metrics,
+            token=token,
+            is_ready=lambda: self.ready and self.failure is None,
+            is_alive=lambda: self.failure is None,
+            lifespan=self._lifespan,
+        )
+
+    def _start(self) -> None:
+        """Blocking start-up (engine load); runs in a worker thread."""
+        config = self.config
+        client = connect(config.redis)
+        self.engine = Engine(
+            config.model,
+            seed=config.run.seed,
+            kv_cache_gib=config.rollout.kv_cache_gib,
+            enforce_eager=config.rollout.enforce_eager,
+        )
+        self.policy = PolicyFollower(self.engine, client, self.keys, self.metrics)
+        self.policy.sync()  # a restarted rollout serves the current policy, not the initial weights
+        prompts = PromptSource(
+            config.data.train_files,
+            prompt_field=config.data.prompt_field,
+            label_field=config.data.label_field,
+            seed=config.data.shuffle_seed,
+        )
+        self.loop = RolloutLoop(
+            config,
+            self.engine,
+            prompts,
+            RewardClient(config.rewards, config.rollout.retry, self.metrics, self.token),
+            Producer(client, self.keys),
+            self.policy,
+            self.metrics,
+        )
+        saved = client.hget(self.keys.prompt_position, self.loop.producer_id)
+        if saved:
+            prompts.restore(saved.decode())
+
+    @asynccontextmanager
+    async def _lifespan(self, app: FastAPI):
+        task = asyncio.create_task(self._main())
+        yield
+        if self.loop is not None:
+            self.loop.stopping.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _main(self) -> None:
+        try:
+            await asyncio.to_thread(self._start)
+            self.ready = True
+            if self.run_loop:
+                await self.loop.run()
+                log.info("rollout loop finished after %d batches", self.loop.batches)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("rollout service failed")
+            self.failure = exc
+            if self.on_fatal is not None:
+                self.on_fatal()
