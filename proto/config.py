@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "GD2PO_"
@@ -181,6 +189,15 @@ class ExperimentConfig(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate reward names: {duplicates}")
         return rewards
+
+    @model_validator(mode="after")
+    def _pipeline_can_flow(self) -> ExperimentConfig:
+        """Refuse settings that would deadlock rollout and trainer, naming the keys to change."""
+        if self.synchronous and self.trainer.publish_every != 1:
+            raise ValueError(
+                "synchronous: true needs trainer.publish_every: 1 (every batch waits for new weights)"
+            )
+        return self
 
     @property
     def reward_names(self) -> list[str]:

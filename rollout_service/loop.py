@@ -42,6 +42,7 @@ class RolloutLoop:
         self.producer, self.policy, self.metrics = producer, policy, metrics
         self.producer_id = producer_id or f"rollout-{uuid.uuid4().hex[:8]}"
         self.batches = 0
+        self.last_version = 0
         self.stopping = asyncio.Event()
         self.sampling = Sampling(
             n=config.rollout.group_size,
@@ -72,25 +73,34 @@ class RolloutLoop:
         return limit is not None and self.batches >= limit
 
     async def _wait_for_room(self, scoring: asyncio.Task | None) -> None:
-        """Backpressure: wait while the trainer is behind (synchronous mode: until it caught up)."""
+        """Backpressure. Async: wait while the backlog is at its bound. Synchronous: wait until the
+        trainer has read every group and announced weights newer than the last batch's."""
         last = time.perf_counter()
         while not self.stopping.is_set():
             if self.config.synchronous and scoring is not None:
                 await scoring  # its groups must be in Redis before "caught up" means anything
             depth = await asyncio.to_thread(self.producer.backlog)
             self.metrics.backlog.set(depth)
-            caught_up = depth == 0 if self.config.synchronous else depth < self.config.rollout.max_backlog
-            if caught_up:
+            if await asyncio.to_thread(self._may_generate, depth):
                 return
             await asyncio.sleep(POLL_S)
             now = time.perf_counter()
             self.metrics.backpressure_seconds.inc(now - last)  # live, so a stalled trainer shows at once
             last = now
 
+    def _may_generate(self, depth: int) -> bool:
+        if not self.config.synchronous:
+            return depth < self.config.rollout.max_backlog
+        if self.batches == 0:
+            return True
+        announced = self.policy.announced()
+        return depth == 0 and announced is not None and announced.version > self.last_version
+
     def _generate(self) -> tuple[list[PromptRecord], list[list[int]], list[list[Completion]], int, float]:
         records = self.prompts.take(self.config.rollout.prompts_per_batch)
         prompt_ids = [self.engine.prompt_ids([m.model_dump() for m in r.messages]) for r in records]
         version, started = self.policy.version, time.time()
+        self.last_version = version
         tick = time.perf_counter()
         completions = self.engine.generate(prompt_ids, self.sampling)
         elapsed = time.perf_counter() - tick

@@ -1,8 +1,9 @@
 """Redis side of the rollout: push ScoredGroups, dead-letter failed ones, measure the backlog.
 
-The backlog is what the trainer has not finished with: entries not yet delivered to its consumer
-group (``lag``) plus delivered-but-unacknowledged ones (``pending``, acked only after the optimizer
-step). The stream is never trimmed, so nothing unconsumed is lost.
+The backlog is what the trainer has not read yet: entries not delivered to its consumer group (the
+group's ``lag``). Delivered-but-unacknowledged entries (``pending``; the trainer acknowledges at its
+checkpoints) are already being trained on and do not hold generation back. The stream is never
+trimmed, so nothing unconsumed is lost.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ def ensure_consumer_group(client: redis.Redis, keys: RedisKeys) -> None:
             raise
 
 
-def backlog(client: redis.Redis, keys: RedisKeys) -> int:
+def queue_state(client: redis.Redis, keys: RedisKeys) -> tuple[int, int]:
+    """(undelivered, pending) entries of the trainer's consumer group."""
     for group in client.xinfo_groups(keys.groups):
         name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
         if name == keys.trainer_group:
             lag = group.get("lag")
-            if lag is None:  # Redis cannot tell after deletions: fall back to everything after last delivery
+            if lag is None:  # Redis cannot tell after deletions: count what follows the last delivery
                 lag = len(
                     client.xrange(keys.groups, min=f"({group['last-delivered-id'].decode()}", count=10_000)
                 )
-            return int(lag) + int(group["pending"])
-    return int(client.xlen(keys.groups))
+            return int(lag), int(group["pending"])
+    return int(client.xlen(keys.groups)), 0
 
 
 class Producer:
@@ -58,4 +60,5 @@ class Producer:
         pipe.execute()
 
     def backlog(self) -> int:
-        return backlog(self.client, self.keys)
+        """Groups the trainer has not read yet."""
+        return queue_state(self.client, self.keys)[0]

@@ -1,0 +1,110 @@
+"""The policy under DeepSpeed: a Hugging Face causal LM wrapped by ``deepspeed.initialize`` with the
+experiment's ZeRO stage, dtype, micro-batch, accumulation and clipping; AdamW from the trainer section.
+gloo on CPU, nccl on GPUs; works single-process or under torchrun / the deepspeed launcher."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from proto.config import ExperimentConfig
+from trainer.loss import token_logprobs_from_logits
+
+
+def init_distributed() -> None:
+    """Join (or create, for a single process) the process group DeepSpeed expects."""
+    if dist.is_initialized():
+        return
+    for name, default in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
+        os.environ.setdefault(name, default)
+    if "MASTER_PORT" not in os.environ:
+        from socket import socket
+
+        with socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The DeepSpeed section, completed with the optimizer and dtype from the experiment."""
+    trainer = config.trainer
+    ds = copy.deepcopy(trainer.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("gradient_clipping", 1.0)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault(
+        "optimizer",
+        {
+            "type": "AdamW",
+            "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay, "betas": [0.9, 0.999]},
+        },
+    )
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch × accumulation × world
+    if config.model.dtype == "bfloat16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif config.model.dtype == "float16":
+        ds.setdefault("fp16", {"enabled": True})
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+class PolicyEngine:
+    def __init__(self, config: ExperimentConfig):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        init_distributed()
+        self.config = config
+        self.ds_config = deepspeed_config(config)
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
+        if config.trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config,
+        )
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def accumulation_steps(self) -> int:
+        return int(self.engine.gradient_accumulation_steps())
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Log-probs of each next token under the current policy, [n, L−1] float32."""
+        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits
+        return token_logprobs_from_logits(logits[:, :-1].float(), input_ids[:, 1:])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)."""
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])

@@ -1,0 +1,119 @@
+"""Trainer observability: Prometheus gauges/counters/histograms (live GD²PO signals included) and a
+JSONL record per step in the run folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
+RATIO_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+SCALARS = {
+    "conflict_ratio": "Fraction of rollouts whose per-reward advantages have mixed signs",
+    "drop_ratio": "Fraction of rollouts dropped by the conflict filter",
+    "keep_ratio": "Fraction of rollouts kept",
+    "rho_abs_mean_in_conflict": "Mean |ρ| over conflicting rollouts",
+    "loss": "Policy loss",
+    "grad_norm": "Global gradient norm before clipping",
+    "learning_rate": "Learning rate",
+    "kl": "Approximate KL to the behaviour policy (k3)",
+    "entropy": "Mean token entropy (0 unless entropy is computed)",
+    "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
+    "tokens_per_second": "Trained tokens per second of step time",
+    "queue_depth": "Groups waiting in the stream for the trainer",
+    "deadletter_depth": "Entries in the dead-letter stream",
+    "step": "Last completed optimizer step",
+    "policy_version": "Version of the last published policy",
+    "last_step_timestamp_seconds": "Unix time of the last completed step",
+}
+
+
+@dataclass
+class TrainerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.gauges = {
+            name: Gauge(f"gd2po_trainer_{name}", text, registry=r) for name, text in SCALARS.items()
+        }
+        self.group_keep = Gauge(
+            "gd2po_trainer_group_keep_ratio", "Per-group keep ratio κ", ["stat"], registry=r
+        )
+        self.pair_conflict = Gauge(
+            "gd2po_trainer_pair_conflict_ratio",
+            "Rollouts where two rewards pull in opposite directions",
+            ["pair"],
+            registry=r,
+        )
+        self.reward_mean = Gauge("gd2po_trainer_reward_mean", "Mean raw reward", ["reward"], registry=r)
+        self.reward_std = Gauge("gd2po_trainer_reward_std", "Std of raw rewards", ["reward"], registry=r)
+        self.zero_std = Gauge(
+            "gd2po_trainer_zero_std_group_ratio",
+            "Groups whose reward has no variance",
+            ["reward"],
+            registry=r,
+        )
+        self.keep_distribution = Histogram(
+            "gd2po_trainer_group_keep_ratio_distribution",
+            "Per-group keep ratios",
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.staleness = Histogram(
+            "gd2po_trainer_staleness",
+            "Policy versions between generation and training",
+            buckets=(0, 1, 2, 3, 4, 8, 16),
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "gd2po_trainer_step_phase_seconds", "Step time by phase", ["phase"], registry=r
+        )
+        self.groups = Counter("gd2po_trainer_groups", "Groups by outcome", ["outcome"], registry=r)
+        self.all_filtered = Counter(
+            "gd2po_trainer_all_filtered_batches", "Batches where the filter dropped every rollout", registry=r
+        )
+        self.steps = Counter("gd2po_trainer_steps", "Optimizer steps", registry=r)
+        for outcome in ("trained", "stale", "duplicate"):
+            self.groups.labels(outcome)
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
+
+    def record(self, step: dict[str, float], keep_ratios: list[float]) -> None:
+        """Push one step's flat record (see trainer.step) to the Prometheus series."""
+        for key, value in step.items():
+            if key in self.gauges:
+                self.gauges[key].set(value)
+            elif key.startswith("group_keep_ratio_"):
+                self.group_keep.labels(key.removeprefix("group_keep_ratio_")).set(value)
+            elif key.startswith("pair_conflict_ratio/"):
+                self.pair_conflict.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("reward_mean/"):
+                self.reward_mean.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("reward_std/"):
+                self.reward_std.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("zero_std_group_ratio/"):
+                self.zero_std.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("phase/"):
+                self.phase_seconds.labels(key.split("/", 1)[1]).observe(value)
+        for ratio in keep_ratios:
+            self.keep_distribution.observe(ratio)
+        if step.get("all_filtered", 0.0) >= 1.0:
+            self.all_filtered.inc()
+        self.steps.inc()
+
+
+class JsonlLog:
+    """Append one JSON object per step; flushed each time so a crash loses at most the current step."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, float]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"time": time.time(), **record}) + "\n")

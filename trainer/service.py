@@ -1,0 +1,233 @@
+"""The trainer loop: pull B fresh groups → advantages → PPO update → publish weights → metrics; every
+``save_every`` steps a checkpoint, then the groups it includes are committed (ledger + XACK).
+
+Exactly-once: a group is acknowledged only once a checkpoint holding its update exists, so after a
+crash ``--resume`` restores that checkpoint and the pending entries are exactly the groups it lacks.
+Every rank computes on its shard of the rollouts; rank 0 talks to Redis and broadcasts each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import uvicorn
+from fastapi import FastAPI
+
+from proto.config import ExperimentConfig
+from proto.keys import RedisKeys
+from proto.ops import add_ops_routes
+from proto.redis_conn import connect
+from trainer import checkpoint
+from trainer.batching import build_batch
+from trainer.consumer import Counts, GroupConsumer, Pulled
+from trainer.engine import PolicyEngine
+from trainer.metrics import JsonlLog, TrainerMetrics
+from trainer.progress import StepProgress
+from trainer.publisher import WeightPublisher, full_state_dict
+from trainer.step import advantages_for, group_keep_ratios, train_on
+
+log = logging.getLogger("trainer")
+
+
+class UnsupportedOption(ValueError):
+    """A configured option this trainer does not implement; refused at start instead of ignored."""
+
+
+class Trainer:
+    def __init__(self, config: ExperimentConfig, *, resume: bool = False, max_steps: int | None = None):
+        if config.trainer.kl_coef or config.trainer.entropy_coef:
+            raise UnsupportedOption(
+                "trainer.kl_coef and trainer.entropy_coef must be 0: no reference model yet"
+            )
+        if not config.rewards:
+            raise UnsupportedOption("rewards: at least one reward is needed")
+        self.config, self.resume = config, resume
+        self.total_steps = min(config.trainer.total_steps, max_steps or config.trainer.total_steps)
+        self.metrics = TrainerMetrics()
+        self.ready = False
+        self.stopping = threading.Event()
+        self.run_dir = Path(config.run.output_dir)
+        self.keys = RedisKeys(config.redis.namespace)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def metrics_app(self) -> FastAPI:
+        app = FastAPI(title="gd2po trainer")
+        add_ops_routes(app, is_ready=lambda: self.ready, registry=self.metrics.registry)
+        return app
+
+    def serve_metrics(self) -> uvicorn.Server:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                self.metrics_app(),
+                host=self.config.trainer.host,
+                port=self.config.trainer.metrics_port,
+                log_level="warning",
+            )
+        )
+        server.install_signal_handlers = lambda: None  # the training loop owns signals
+        threading.Thread(target=server.run, daemon=True, name="metrics-http").start()
+        return server
+
+    # -- training -----------------------------------------------------------------------------
+    def run(self) -> checkpoint.TrainerState:
+        engine = PolicyEngine(self.config)
+        rank = dist.get_rank()
+        client = connect(self.config.redis)
+        consumer = GroupConsumer(client, self.keys) if rank == 0 else None
+        publisher = WeightPublisher(
+            client, self.keys, self.run_dir / "weights", self.config.model.path, self.config.trainer.keep_last
+        )
+        state = checkpoint.TrainerState()
+        if self.resume:
+            state = checkpoint.load_latest(engine, self.run_dir / "checkpoints") or state
+            if consumer is not None and state.committing:
+                # The checkpoint has these groups' update; finish recording them (their redelivered
+                # entries are then acknowledged as duplicates, never trained twice).
+                client.sadd(self.keys.trained, *state.committing)
+            announced = client.get(self.keys.policy)
+            if announced:
+                from proto import PolicyAnnouncement, decode
+
+                state.policy_version = max(
+                    state.policy_version, decode(announced, PolicyAnnouncement).version
+                )
+            log.info("resumed at step %d, policy version %d", state.step, state.policy_version)
+        journal = JsonlLog(self.run_dir / "metrics.jsonl")
+        counts = Counts()
+        uncommitted = Pulled()
+        self.ready = True
+        progress = StepProgress(self.total_steps, start=state.step) if rank == 0 else None
+        try:
+            while state.step < self.total_steps and not self.stopping.is_set():
+                record = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
+                if record is None:
+                    break
+                if state.step % self.config.trainer.save_every == 0 or state.step == self.total_steps:
+                    self._checkpoint_and_commit(engine, consumer, state, uncommitted)
+                if rank == 0:
+                    journal.write(record)
+                    if progress:
+                        progress.update(record)
+        finally:
+            if progress:
+                progress.close()
+        return state
+
+    def _checkpoint_and_commit(
+        self,
+        engine: PolicyEngine,
+        consumer: GroupConsumer | None,
+        state: checkpoint.TrainerState,
+        uncommitted: Pulled,
+    ) -> None:
+        """Save the checkpoint naming the groups it includes, then acknowledge them.
+
+        A crash before the save redelivers the groups to a trainer restored from the previous
+        checkpoint (trained once); a crash after it is finished on resume from ``state.committing``.
+        """
+        state.committing = [g.group_id for g in uncommitted.groups]
+        checkpoint.save(engine, self.run_dir / "checkpoints", state, keep_last=self.config.trainer.keep_last)
+        if consumer is not None and uncommitted.groups:
+            consumer.commit(uncommitted)
+            self.metrics.groups.labels("trained").inc(len(uncommitted.groups))
+        uncommitted.groups.clear()
+        uncommitted.entry_ids.clear()
+
+    def _one_step(
+        self,
+        engine: PolicyEngine,
+        consumer: GroupConsumer | None,
+        publisher: WeightPublisher,
+        state: checkpoint.TrainerState,
+        counts: Counts,
+        uncommitted: Pulled,
+    ) -> dict[str, float] | None:
+        trainer = self.config.trainer
+        tick = time.perf_counter()
+        pulled = Pulled()
+        if consumer is not None:
+            before = (counts.stale, counts.duplicate)
+            pulled = consumer.pull(
+                trainer.prompts_per_step,
+                state.policy_version,
+                trainer.max_staleness,
+                counts,
+                self.stopping.is_set,
+            )
+            self.metrics.groups.labels("stale").inc(counts.stale - before[0])
+            self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
+        groups = _broadcast(pulled.groups)
+        if len(groups) < trainer.prompts_per_step:
+            return None  # stopping
+        wait = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
+        advantages, signals = advantages_for(batch, self.config)
+        keep_ratios = group_keep_ratios(advantages, batch)
+        advantage_time = time.perf_counter() - tick
+
+        shard = _shard(batch.size)
+        record = train_on(engine, batch.select(shard), advantages[shard], self.config)
+        state.step += 1
+
+        tick = time.perf_counter()
+        if state.step % trainer.publish_every == 0:
+            weights = full_state_dict(engine.module, engine.zero_stage)
+            if dist.get_rank() == 0:
+                folder = publisher.write(engine.module, weights, state.step)
+                state.policy_version += 1
+                publisher.announce(folder, state.policy_version, state.step)
+            state.policy_version = _broadcast(state.policy_version)
+        publish = time.perf_counter() - tick
+
+        if consumer is not None:
+            uncommitted.groups.extend(pulled.groups)
+            uncommitted.entry_ids.extend(pulled.entry_ids)
+            for age in batch.staleness[batch.group_index.unique(sorted=True)].tolist():
+                self.metrics.staleness.observe(age)
+        state.groups_trained += len(groups)
+        trained_tokens = float(batch.response_mask.sum())
+        step_time = (
+            wait + advantage_time + record["phase/forward_backward"] + record["phase/optimizer"] + publish
+        )
+        record.update(signals)
+        record.update(
+            {
+                "step": state.step,
+                "policy_version": state.policy_version,
+                "groups": len(groups),
+                "tokens_per_second": trained_tokens / max(step_time - wait, 1e-9),
+                "phase/wait": wait,
+                "phase/advantages": advantage_time,
+                "phase/publish": publish,
+                "staleness_mean": float(batch.staleness.float().mean()),
+                "stale_dropped_total": counts.stale,
+                "duplicates_total": counts.duplicate,
+                "last_step_timestamp_seconds": time.time(),
+            }
+        )
+        if consumer is not None:
+            record["queue_depth"] = consumer.queue_depth()
+            record["deadletter_depth"] = consumer.deadletter_depth()
+        self.metrics.record(record, keep_ratios)
+        return record
+
+
+def _broadcast(value):
+    """Rank 0's value on every rank (no-op for a single process)."""
+    if dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _shard(size: int) -> torch.Tensor:
+    """This rank's rollouts: a strided slice so every rank gets a share of every group."""
+    return torch.arange(dist.get_rank(), size, dist.get_world_size())

@@ -1,0 +1,117 @@
+"""One training step: rewards → advantages (GRPO / GDPO / GD²PO) → PPO-clip over mini-batches and
+epochs → DeepSpeed backward/step. Micro-batch losses are weighted so the configured aggregation
+(token-mean by default) is over the whole mini-batch, as if it were one batch."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from proto.config import ExperimentConfig
+from trainer.algorithms import compute_advantages
+from trainer.batching import TrainBatch
+from trainer.engine import PolicyEngine
+from trainer.loss import policy_loss
+
+
+def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    trainer = config.trainer
+    return compute_advantages(
+        trainer.estimator,
+        batch.rewards,
+        batch.group_index,
+        batch.response_mask,
+        tau=trainer.tau,
+        norm_by_std=trainer.norm_by_std,
+        whiten=trainer.whiten,
+        weights=[r.weight for r in config.rewards],
+        keep_rule=trainer.keep_rule,
+        reweight=trainer.reweight,
+        filter=trainer.filter,
+        reward_names=config.reward_names,
+    )
+
+
+def group_keep_ratios(advantages: torch.Tensor, batch: TrainBatch) -> list[float]:
+    """Per-group fraction of rollouts that train (a dropped rollout has an all-zero advantage row)."""
+    trains = (advantages != 0).any(dim=1).to(torch.float64)
+    groups = int(batch.group_index.max()) + 1
+    kept = torch.zeros(groups, dtype=torch.float64).index_add_(0, batch.group_index, trains)
+    sizes = torch.bincount(batch.group_index, minlength=groups).to(torch.float64)
+    return (kept / sizes).tolist()
+
+
+def _micro_batches(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
+    return [chunk for chunk in torch.tensor_split(rows, count) if chunk.numel()]
+
+
+def _weight(batch: TrainBatch, rows: torch.Tensor, total: float, agg: str) -> float:
+    """This micro-batch's share of the mini-batch's aggregation denominator."""
+    mask = batch.response_mask[rows]
+    part = float(mask.sum()) if agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
+    return part / total if total > 0 else 0.0
+
+
+def train_on(
+    engine: PolicyEngine, batch: TrainBatch, advantages: torch.Tensor, config: ExperimentConfig
+) -> dict[str, float]:
+    """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times."""
+    trainer = config.trainer
+    old_logprobs = batch.old_logprobs
+    if trainer.recompute_old_logprobs:
+        with torch.no_grad():
+            old_logprobs = engine.token_logprobs(batch.input_ids, batch.attention_mask) * batch.response_mask
+    accumulation = engine.accumulation_steps
+    totals: dict[str, float] = {}
+    updates = 0
+    forward_backward = optimizer = 0.0
+    generator = torch.Generator().manual_seed(config.run.seed)
+    for _ in range(trainer.ppo_epochs):
+        order = torch.randperm(batch.size, generator=generator)
+        for mini in torch.tensor_split(order, trainer.mini_batches):
+            mask = batch.response_mask[mini]
+            total = (
+                float(mask.sum()) if trainer.loss_agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
+            )
+            micro_rows = _micro_batches(mini, accumulation)
+            # DeepSpeed steps after exactly `accumulation` backward calls; pad with empty work if short.
+            for index in range(accumulation):
+                rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
+                tick = time.perf_counter()
+                if rows.numel():
+                    logprobs = engine.token_logprobs(batch.input_ids[rows], batch.attention_mask[rows])
+                    loss, stats = policy_loss(
+                        logprobs,
+                        old_logprobs[rows],
+                        advantages[rows],
+                        batch.response_mask[rows],
+                        clip_low=trainer.clip_low,
+                        clip_high=trainer.clip_high,
+                        dual_clip=trainer.dual_clip,
+                        agg=trainer.loss_agg,
+                    )
+                    share = _weight(batch, rows, total, trainer.loss_agg)
+                    engine.backward(loss * share * accumulation)  # DeepSpeed divides by `accumulation`
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value * share
+                else:
+                    engine.backward(sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad))
+                forward_backward += time.perf_counter() - tick
+                tick = time.perf_counter()
+                engine.step()
+                optimizer += time.perf_counter() - tick
+            updates += 1
+    record = {key: value / updates for key, value in totals.items()}
+    record.update(
+        {
+            "loss": record.get("pg_loss", 0.0),
+            "kl": record.get("approx_kl", 0.0),
+            "clip_fraction": record.get("clip_frac", 0.0),
+            "grad_norm": engine.grad_norm(),
+            "learning_rate": engine.learning_rate(),
+            "phase/forward_backward": forward_backward,
+            "phase/optimizer": optimizer,
+        }
+    )
+    return record
