@@ -49,6 +49,7 @@ class Trainer:
         self.config, self.resume = config, resume
         self.total_steps = min(config.trainer.total_steps, max_steps or config.trainer.total_steps)
         self.metrics = TrainerMetrics()
+        self.engine: PolicyEngine | None = None
         self.ready = False
         self.stopping = threading.Event()
         self.run_dir = Path(config.run.output_dir)
@@ -75,7 +76,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def run(self) -> checkpoint.TrainerState:
-        engine = PolicyEngine(self.config)
+        engine = self.engine = PolicyEngine(self.config)
         rank = dist.get_rank()
         client = connect(self.config.redis)
         consumer = GroupConsumer(client, self.keys) if rank == 0 else None
@@ -107,12 +108,12 @@ class Trainer:
                 record = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
                 if record is None:
                     break
-                if state.step % self.config.trainer.save_every == 0 or state.step == self.total_steps:
-                    self._checkpoint_and_commit(engine, consumer, state, uncommitted)
                 if rank == 0:
                     journal.write(record)
                     if progress:
                         progress.update(record)
+                if state.step % self.config.trainer.save_every == 0 or state.step == self.total_steps:
+                    self._checkpoint_and_commit(engine, consumer, state, uncommitted)
         finally:
             if progress:
                 progress.close()
@@ -202,6 +203,7 @@ class Trainer:
                 "step": state.step,
                 "policy_version": state.policy_version,
                 "groups": len(groups),
+                "group_ids": [g.group_id for g in groups],
                 "tokens_per_second": trained_tokens / max(step_time - wait, 1e-9),
                 "phase/wait": wait,
                 "phase/advantages": advantage_time,
