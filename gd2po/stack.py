@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from gd2po.redis_server import RedisProcess, free_port
 from proto.config import ExperimentConfig, dump_config, load_config
 
 READY_TIMEOUT_S = 600.0
+log = logging.getLogger("gd2po.stack")
 ROLES = {"trainer": "trainer", "rollout_service": "rollout", "reward_service": "reward"}
 
 
@@ -44,6 +46,7 @@ class StackError(RuntimeError):
 class Service:
     child: Child
     ready_url: str | None = None
+    replica_of: str | None = None  # reward name, for reward replicas
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Stack:
     rollout_url: str = ""
     trainer_url: str = ""
     pin: dict[str, str] = field(default_factory=dict)
+    lost: list[Service] = field(default_factory=list)
 
     @property
     def trainer(self) -> Child:
@@ -78,7 +82,13 @@ class Stack:
         }
 
     def _spawn(
-        self, name: str, module: str, args: list[str], env: dict[str, str], ready_url: str | None
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        ready_url: str | None,
+        replica_of: str | None = None,
     ) -> None:
         child = Child(
             name=name,
@@ -86,7 +96,7 @@ class Stack:
             log_path=self.run_dir / "logs" / f"{name}.log",
             env={**self.base_env(), **env},
         ).start(cwd=self.repo_root)
-        self.services.append(Service(child, ready_url))
+        self.services.append(Service(child, ready_url, replica_of))
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +164,7 @@ class Stack:
                         ["--reward", reward.name, "--host", "127.0.0.1", "--port", str(port)],
                         {},
                         f"{url}/readyz",
+                        replica_of=reward.name,
                     )
                     urls.append(url)
                 entry["url"] = urls
@@ -161,13 +172,25 @@ class Stack:
         return rewards
 
     def check_alive(self) -> None:
+        """Raise if a service died — except a reward replica while another replica of it still serves."""
         for service in self.services:
             code = service.child.exit_code()
-            if code is not None and not (service.child.name == "trainer" and code == 0):
-                raise StackError(
-                    f"{service.child.name} exited with code {code}; last lines of "
-                    f"{service.child.log_path}:\n{service.child.log_tail()}"
-                )
+            if code is None or (service.child.name == "trainer" and code == 0):
+                continue
+            if service.replica_of and self._replicas_alive(service.replica_of):
+                if service not in self.lost:
+                    self.lost.append(service)
+                    log.warning(
+                        "%s exited with code %d; other replicas keep serving", service.child.name, code
+                    )
+                continue
+            raise StackError(
+                f"{service.child.name} exited with code {code}; last lines of "
+                f"{service.child.log_path}:\n{service.child.log_tail()}"
+            )
+
+    def _replicas_alive(self, reward: str) -> bool:
+        return any(s.replica_of == reward and s.child.exit_code() is None for s in self.services)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         pending = [s for s in self.services if s.ready_url]

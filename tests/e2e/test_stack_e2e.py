@@ -4,6 +4,7 @@ the DeepSpeed trainer on a tiny model. Asserts data flow, weight publishing and 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from gd2po.runlog import read_steps
 from proto import ScoredGroup, decode
 from proto.codec import CodecError
 from proto.keys import RedisKeys
+from reward_service.scorers.tool_call import correctness
 
 pytestmark = pytest.mark.e2e
 RUN_TIMEOUT_S = 900
@@ -112,3 +114,41 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
 def test_promtool_rejects_broken_exposition() -> None:
     ok, _ = promtool_clean('# TYPE x counter\nx{a="1"} not-a-number\n')
     assert not ok
+
+
+def test_losing_a_reward_replica_mid_run_costs_retries_not_scores(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    steps = 4
+    config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, correctness_replicas=2)
+    run_dir = tmp_path / "run"
+    process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
+    manifest = wait_for_manifest(run_dir, process)
+    victim = next(s for s in manifest["services"] if s["name"] == "reward-correctness-0")
+    killed = []
+
+    def kill_after_first_step() -> None:
+        if not killed and steps_logged(run_dir) >= 1:
+            os.killpg(victim["pid"], signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    scrapes = run_until_done(process, run_dir, manifest, on_tick=kill_after_first_step)
+    output = process.communicate()[0]
+    assert killed, "the run ended before a replica could be killed"
+    assert process.returncode == 0, output
+    assert len(read_steps(run_dir)) == steps
+
+    # Every correctness score in Redis is the real scorer's verdict on that completion — none invented.
+    groups = produced_groups(redis_url)
+    assert groups
+    for group in groups:
+        expected = [correctness(c.text.strip(), group.metadata["label"]) for c in group.completions]
+        assert group.rewards["correctness"] == expected, group.group_id
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen(RedisKeys().deadletter) == 0  # the surviving replica took over
+    retries = [
+        line
+        for line in scrapes["rollout"].splitlines()
+        if line.startswith("gd2po_rollout_reward_retries_total") and victim["url"] in line
+    ]
+    assert retries and float(retries[0].rsplit(" ", 1)[1]) >= 1, "no retry away from the dead replica"
