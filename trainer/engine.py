@@ -16,16 +16,19 @@ from trainer.loss import token_logprobs_from_logits
 
 
 def init_distributed() -> None:
-    """Join (or create, for a single process) the process group DeepSpeed expects."""
-    if dist.is_initialized():
-        return
+    """Join (or create, for a single process) the process group DeepSpeed expects.
+
+    The rank variables are set even when a group already exists (another library in the same
+    process, e.g. an in-process vLLM engine, may have created it): DeepSpeed checks them itself."""
     for name, default in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
+        ("RANK", str(dist.get_rank()) if dist.is_initialized() else "0"),
+        ("WORLD_SIZE", str(dist.get_world_size()) if dist.is_initialized() else "1"),
         ("LOCAL_RANK", "0"),
         ("MASTER_ADDR", "127.0.0.1"),
     ):
         os.environ.setdefault(name, default)
+    if dist.is_initialized():
+        return
     if "MASTER_PORT" not in os.environ:
         from socket import socket
 
