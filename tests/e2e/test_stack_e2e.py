@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from deploy_refs import exported_series_names, external_references
 from stack_helpers import (
     processes_in_session,
     scrape_all,
@@ -103,6 +104,11 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     for name, text in scrapes.items():
         ok, report = promtool_clean(text)
         assert ok, f"{name}: {report}"
+
+    # Every series the Grafana dashboard and the alert rules query is served by a real service.
+    exported = set().union(*(exported_series_names(text) for text in scrapes.values()))
+    missing = external_references() - exported
+    assert not missing, f"deploy/ queries series no running service exports: {sorted(missing)}"
 
     # No child (nor any grandchild in its session) survives the shutdown.
     time.sleep(0.5)

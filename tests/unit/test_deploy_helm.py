@@ -1,0 +1,197 @@
+"""The Helm chart lints, renders manifests that pass `kubernetes-validate --strict`, and turns every
+`values.rewards` entry into its own Deployment + Service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_tools import CHART, DEPLOY, helm, helm_env, run, venv_tool
+
+from proto.config import load_config
+
+EXAMPLE = DEPLOY / "helm" / "examples" / "cpu-external-redis.yaml"
+VALUE_SETS = {"default": [], "example": ["-f", str(EXAMPLE)]}
+
+
+def render(tmp_path: Path, *args: str) -> list[dict]:
+    result = run([helm(), "template", "rel", str(CHART), *args], env=helm_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    workloads = by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")
+    return {name: doc["spec"]["template"]["spec"] for name, doc in workloads.items()}
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_helm_lint_is_clean(tmp_path: Path, values: str) -> None:
+    result = run([helm(), "lint", "--strict", str(CHART), *VALUE_SETS[values]], env=helm_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_rendered_manifests_pass_kubernetes_validate_strict(tmp_path: Path, values: str) -> None:
+    docs = render(tmp_path, *VALUE_SETS[values])
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    result = run([venv_tool("kubernetes-validate"), "--strict", "--quiet", str(manifest)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_rendered_experiment_config_loads(tmp_path: Path, values: str) -> None:
+    (configmap,) = by_kind(render(tmp_path, *VALUE_SETS[values]), "ConfigMap").values()
+    path = tmp_path / "config.yaml"
+    path.write_text(configmap["data"]["config.yaml"])
+    config = load_config(path)
+    assert config.redis.password is None  # secrets come from the Secret, never the ConfigMap
+    assert config.rewards
+
+
+def reward_values(tmp_path: Path, rewards: list[dict]) -> list[str]:
+    path = tmp_path / "rewards.yaml"
+    path.write_text(yaml.safe_dump({"rewards": rewards}))
+    return ["-f", str(path)]
+
+
+TOOL_CALLING_REWARDS = [
+    {"name": "correctness", "scorer": "tool_call.correctness", "replicas": 2},
+    {"name": "format", "scorer": "tool_call.format"},
+]
+SWAPPED_REWARDS = [
+    {
+        "name": "helpful_rm",
+        "scorer": "model.sequence_classifier",
+        "replicas": 3,
+        "options": {"model_path": "/models/rm"},
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+    },
+    {
+        "name": "judge",
+        "image": {"repository": "acme/judge", "tag": "1.2"},
+        "command": ["serve", "--port", "8000"],
+    },
+    {"name": "length", "url": "http://length.shared.svc:9000"},  # runs elsewhere: no Deployment
+]
+
+
+def test_each_reward_entry_becomes_a_deployment_and_service(tmp_path: Path) -> None:
+    first = render(tmp_path, *reward_values(tmp_path, TOOL_CALLING_REWARDS))
+    second = render(tmp_path, *reward_values(tmp_path, SWAPPED_REWARDS))
+
+    deployments = {n: d for n, d in by_kind(first, "Deployment").items() if "reward" in n}
+    assert {n: d["spec"]["replicas"] for n, d in deployments.items()} == {
+        "rel-gd2po-reward-correctness": 2,
+        "rel-gd2po-reward-format": 1,
+    }
+    container = deployments["rel-gd2po-reward-format"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["reward", "format"] and container["image"] == "gd2po:gpu"
+    assert {n for n in by_kind(first, "Service") if "reward" in n} == set(deployments)
+
+    deployments = {n: d for n, d in by_kind(second, "Deployment").items() if "reward" in n}
+    assert set(deployments) == {"rel-gd2po-reward-helpful-rm", "rel-gd2po-reward-judge"}
+    assert {n for n in by_kind(second, "Service") if "reward" in n} == set(deployments)
+    helpful = deployments["rel-gd2po-reward-helpful-rm"]
+    assert helpful["spec"]["replicas"] == 3
+    assert helpful["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": 1}
+    }
+    judge = deployments["rel-gd2po-reward-judge"]["spec"]["template"]["spec"]["containers"][0]
+    assert judge["image"] == "acme/judge:1.2" and judge["args"] == ["serve", "--port", "8000"]
+
+    (configmap,) = by_kind(second, "ConfigMap").values()
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert {r["name"]: r["url"] for r in config["rewards"]} == {
+        "helpful_rm": "http://rel-gd2po-reward-helpful-rm:8000",
+        "judge": "http://rel-gd2po-reward-judge:8000",
+        "length": "http://length.shared.svc:9000",
+    }
+    assert config["rewards"][0]["launch"] == {
+        "scorer": "model.sequence_classifier",
+        "options": {"model_path": "/models/rm"},
+    }
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_pods_run_non_root_with_health_probes(tmp_path: Path, values: str) -> None:
+    for name, spec in pod_specs(render(tmp_path, *VALUE_SETS[values])).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+        main = spec["containers"][0]
+        if "redis" not in name:
+            assert main["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+            assert main["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+
+
+def test_default_values_run_redis_and_gpus(tmp_path: Path) -> None:
+    docs = render(tmp_path)
+    assert {"rel-gd2po-trainer", "rel-gd2po-redis"} <= set(by_kind(docs, "StatefulSet"))
+    specs = pod_specs(docs)
+    for name in ("rel-gd2po-trainer", "rel-gd2po-rollout"):
+        assert specs[name]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        volumes = {v["name"]: v for v in specs[name]["volumes"]}
+        assert volumes["weights"]["persistentVolumeClaim"]["claimName"] == "rel-gd2po-weights"
+    redis_args = specs["rel-gd2po-redis"]["containers"][0]["args"]
+    assert redis_args[:2] == ["--appendonly", "yes"] and "$(REDIS_PASSWORD)" in redis_args
+    assert set(by_kind(docs, "Secret")["rel-gd2po-secrets"]["data"]) == {"redis-password", "api-token"}
+    assert not by_kind(docs, "ServiceMonitor")
+
+
+def test_example_values_use_external_redis_and_a_service_monitor(tmp_path: Path) -> None:
+    docs = render(tmp_path, *VALUE_SETS["example"])
+    assert "rel-gd2po-redis" not in by_kind(docs, "StatefulSet") and not by_kind(docs, "Secret")
+    specs = pod_specs(docs)
+    assert "nvidia.com/gpu" not in specs["rel-gd2po-trainer"]["containers"][0]["resources"]["limits"]
+    # kubernetes-validate has no schema for this CRD: check it selects every gd2po Service's http port.
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    scraped = {
+        name
+        for name, service in by_kind(docs, "Service").items()
+        if selector.items() <= service["metadata"]["labels"].items()
+        and "http" in {port["name"] for port in service["spec"]["ports"]}
+    }
+    assert scraped == {
+        "rel-gd2po-trainer",
+        "rel-gd2po-rollout",
+        "rel-gd2po-reward-correctness",
+        "rel-gd2po-reward-has-tool-call",
+    }
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_network_policies_allow_only_the_needed_flows(tmp_path: Path) -> None:
+    policies = by_kind(render(tmp_path), "NetworkPolicy")
+    assert set(policies) == {f"rel-gd2po-{c}" for c in ("trainer", "rollout", "rewards", "redis")}
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    redis_from = policies["rel-gd2po-redis"]["spec"]["ingress"][0]["from"]
+    assert {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in redis_from} == {
+        "trainer",
+        "rollout",
+    }
+    assert policies["rel-gd2po-redis"]["spec"]["egress"] == []
+    reward_from = policies["rel-gd2po-rewards"]["spec"]["ingress"][0]["from"]
+    assert reward_from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "rollout"
+    rollout_to = [
+        rule.get("to", [{}])[0].get("podSelector", {})
+        for rule in policies["rel-gd2po-rollout"]["spec"]["egress"]
+    ]
+    assert {"app.kubernetes.io/instance": "rel", "gd2po.io/role": "reward"} in [
+        s.get("matchLabels") for s in rollout_to
+    ]
+
+
+def test_values_schema_rejects_a_misspelt_reward_key(tmp_path: Path) -> None:
+    values = reward_values(tmp_path, [{"name": "format", "scorer": "tool_call.format", "replica": 2}])
+    result = run([helm(), "template", "rel", str(CHART), *values], env=helm_env(tmp_path))
+    assert result.returncode != 0 and "'replica' not allowed" in result.stderr
