@@ -143,6 +143,9 @@ class TrainerConfig(_Section):
     kl_coef: float = Field(default=0.0, ge=0)
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False
+    # Rows whose advantage is 0 everywhere (zero-variance groups, GD²PO-dropped rollouts) add exactly
+    # nothing to the PPO gradient; skipping their forward/backward gives the same update, faster.
+    skip_idle_rows: bool = True
     max_staleness: int = Field(default=2, ge=0)
     total_steps: int = Field(default=10, ge=1)
     publish_every: int = Field(default=1, ge=1)

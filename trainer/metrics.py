@@ -24,6 +24,7 @@ SCALARS = {
     "entropy": "Mean token entropy (0 unless entropy is computed)",
     "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
     "tokens_per_second": "Trained tokens per second of step time",
+    "rows_trained": "Rollouts forwarded per optimizer step (rows with an all-zero advantage are skipped)",
     "queue_depth": "Groups waiting in the stream for the trainer",
     "deadletter_depth": "Entries in the dead-letter stream",
     "step": "Last completed optimizer step",

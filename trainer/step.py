@@ -56,7 +56,10 @@ def _weight(batch: TrainBatch, rows: torch.Tensor, total: float, agg: str) -> fl
 def train_on(
     engine: PolicyEngine, batch: TrainBatch, advantages: torch.Tensor, config: ExperimentConfig
 ) -> dict[str, float]:
-    """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times."""
+    """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times.
+
+    Loss statistics average over the rows that train (idle rows are skipped, see ``skip_idle_rows``);
+    ``rows_trained`` is the mean number of rows forwarded per optimizer step."""
     trainer = config.trainer
     old_logprobs = batch.old_logprobs
     if trainer.recompute_old_logprobs:
@@ -64,7 +67,7 @@ def train_on(
             old_logprobs = engine.token_logprobs(batch.input_ids, batch.attention_mask) * batch.response_mask
     accumulation = engine.accumulation_steps
     totals: dict[str, float] = {}
-    updates = 0
+    updates = rows_trained = 0
     forward_backward = optimizer = 0.0
     generator = torch.Generator().manual_seed(config.run.seed)
     for _ in range(trainer.ppo_epochs):
@@ -74,6 +77,9 @@ def train_on(
             total = (
                 float(mask.sum()) if trainer.loss_agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
             )
+            if trainer.skip_idle_rows:  # the denominator above still counts them: same gradient
+                mini = mini[(advantages[mini] != 0).any(dim=1)]
+            rows_trained += mini.numel()
             micro_rows = _micro_batches(mini, accumulation)
             # DeepSpeed steps after exactly `accumulation` backward calls; pad with empty work if short.
             for index in range(accumulation):
@@ -112,6 +118,7 @@ def train_on(
             "learning_rate": engine.learning_rate(),
             "phase/forward_backward": forward_backward,
             "phase/optimizer": optimizer,
+            "rows_trained": rows_trained / updates,
         }
     )
     return record

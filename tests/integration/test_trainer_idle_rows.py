@@ -1,0 +1,66 @@
+"""Skipping rows whose advantage is zero everywhere must not change the update: same weights after a
+real DeepSpeed step with and without the skip, fewer rows forwarded with it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from proto.config import ExperimentConfig
+from tests.trainer_data import generate_groups
+from trainer.batching import build_batch
+from trainer.engine import PolicyEngine
+from trainer.step import advantages_for, train_on
+
+pytestmark = pytest.mark.integration
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions")
+)
+
+
+def config(model_dir: Path, skip: bool) -> ExperimentConfig:
+    return ExperimentConfig(
+        model={"path": model_dir},
+        rewards=[{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:1"}],
+        trainer={
+            "estimator": "gd2po_hard",
+            "skip_idle_rows": skip,
+            "deepspeed": {
+                "zero_optimization": {"stage": 0},
+                "gradient_clipping": 0.0,  # clipping would hide a wrong loss scale
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 4,
+                # plain SGD: Adam's first step is ~lr·sign(g), which turns float rounding in
+                # near-zero gradients into visible weight differences
+                "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+            },
+        },
+    )
+
+
+def test_skipping_idle_rows_gives_the_same_update(tiny_model_dir: Path) -> None:
+    groups = generate_groups(tiny_model_dir, 3, seed=7)
+    # group 0: planted conflicts (Hard drops rollouts 0 and 1); group 1: no variance at all (idle);
+    # group 2: one informative reward.
+    groups[1].rewards = {"a": [1.0] * 4, "b": [0.5] * 4}
+    groups[2].rewards = {"a": [1.0, 0.0, 0.0, 1.0], "b": [0.0] * 4}
+    results = {}
+    for skip in (True, False):
+        cfg = config(tiny_model_dir, skip)
+        engine = PolicyEngine(cfg)
+        batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+        advantages, _ = advantages_for(batch, cfg)
+        record = train_on(engine, batch, advantages, cfg)
+        results[skip] = (record, {n: p.detach().clone() for n, p in engine.module.named_parameters()})
+    idle = int((~(advantages != 0).any(dim=1)).sum())
+    assert idle == 6  # 2 dropped + 4 without variance
+    assert results[True][0]["rows_trained"] == batch.size - idle
+    assert results[False][0]["rows_trained"] == batch.size
+    assert results[True][0]["loss"] == pytest.approx(results[False][0]["loss"], rel=1e-5, abs=1e-6)
+    for name, with_skip in results[True][1].items():
+        torch.testing.assert_close(with_skip, results[False][1][name], rtol=1e-5, atol=1e-7, msg=name)
+    initial = {n: p for n, p in PolicyEngine(config(tiny_model_dir, True)).module.named_parameters()}
+    assert any(not torch.equal(initial[n], p) for n, p in results[True][1].items()), "weights did not move"
