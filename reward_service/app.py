@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from proto import (
     OpenRLHFRequest,
@@ -23,9 +25,14 @@ from proto import (
 from proto.ops import ErrorBody, add_ops_routes, bearer_auth
 from reward_service.metrics import RewardMetrics
 from reward_service.scorers import Scorer
+from reward_service.scorers.base import InvalidLabel, ItemScore
 from reward_service.settings import ServiceSettings
+from reward_service.transport import FastJSONRoute, Gate
+
+_bearer = HTTPBearer(auto_error=False)
 
 ERRORS = {
+    400: {"model": ErrorBody, "description": "body is not decodable (e.g. not UTF-8)"},
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
     413: {"model": ErrorBody, "description": "body or batch too large"},
     429: {"model": ErrorBody, "description": "too many concurrent requests"},
@@ -89,20 +96,17 @@ def create_app(
         state["ready"] = False
 
     app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=lifespan)
+    app.router.route_class = FastJSONRoute
     add_ops_routes(app, is_ready=lambda: state["ready"], registry=metrics.registry)
-    auth = bearer_auth(token)
+    check_token = bearer_auth(token)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            metrics.rejected.labels(info.name, "body_too_large").inc()
-            return JSONResponse(
-                {"detail": f"body larger than {settings.max_body_bytes} bytes"}, status_code=413
-            )
-        return await call_next(request)
+    async def auth(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        check_token(credentials)  # async, so FastAPI does not hop to a worker thread per request
 
-    async def run(items: list[ScoreItem], route: str) -> list[ScoreResult]:
+    counted = {"/v1/score", "/v1/openrlhf", "/v1/info"}
+    app.add_middleware(Gate, max_body=settings.max_body_bytes, metrics=metrics, counted=counted.__contains__)
+
+    async def run(items: list[ScoreItem], route: str) -> tuple[list[ScoreResult], list[ItemScore]]:
         if not state["ready"]:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="scorer is still loading")
         if len(items) > settings.max_batch_items:
@@ -123,22 +127,21 @@ def create_app(
             metrics.latency.labels(info.name, route).observe(time.perf_counter() - started)
         metrics.batch_size.labels(info.name).observe(len(items))
         results = [_result(item.id, value) for item, value in zip(items, values, strict=True)]
-        for result, value in zip(results, values, strict=True):
-            metrics.items.labels(info.name, result.status).inc()
-            if result.status == "error":
-                kind = type(value).__name__ if isinstance(value, Exception) else "NonFiniteScore"
-                metrics.errors.labels(info.name, kind).inc()
-        return results
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(info.name, request.url.path, str(response.status_code)).inc()
-        return response
+        errors = Counter(
+            type(value).__name__ if isinstance(value, Exception) else "NonFiniteScore"
+            for result, value in zip(results, values, strict=True)
+            if result.status == "error"
+        )
+        # One update per label set and request, not per item: label lookups cost more than scoring.
+        metrics.items.labels(info.name, "ok").inc(len(results) - errors.total())
+        if errors:
+            metrics.items.labels(info.name, "error").inc(errors.total())
+        for kind, count in errors.items():
+            metrics.errors.labels(info.name, kind).inc(count)
+        return results, values
 
     @app.get("/v1/info", response_model=RewardInfo, tags=["reward"])
-    def get_info() -> RewardInfo:
+    async def get_info() -> RewardInfo:
         return info
 
     @app.post(
@@ -150,7 +153,7 @@ def create_app(
     )
     async def score(request: ScoreRequest) -> ScoreResponse:
         """Score a batch; each item gets a finite score (status ok) or an error (score null)."""
-        results = await run(request.items, "/v1/score")
+        results, _ = await run(request.items, "/v1/score")
         return ScoreResponse(reward=info.name, version=info.version, results=results)
 
     @app.post(
@@ -164,14 +167,27 @@ def create_app(
         tags=["reward"],
     )
     async def openrlhf(request: OpenRLHFRequest) -> OpenRLHFResponse:
-        """OpenRLHF remote-RM shape. ``query`` is prompt+response; a failed item fails the call (no fake 0)."""
+        """OpenRLHF remote-RM shape. ``query`` is prompt+response; a failed item fails the call (no fake 0):
+        422 naming the field if the item was unscorable as sent, else 503."""
         prompts = request.prompts or [""] * len(request.query)
         labels = request.labels or [None] * len(request.query)
         items = [
             ScoreItem(id=str(i), prompt=p, completion=q[len(p) :] if q.startswith(p) else q, label=label)
             for i, (q, p, label) in enumerate(zip(request.query, prompts, labels, strict=True))
         ]
-        results = await run(items, "/v1/openrlhf")
+        results, values = await run(items, "/v1/openrlhf")
+        invalid = [
+            {
+                "type": "value_error",
+                "loc": ["body", "labels", index],
+                "msg": str(value),
+                "input": None,
+            }
+            for index, value in enumerate(values)
+            if isinstance(value, InvalidLabel)
+        ]
+        if invalid:
+            raise RequestValidationError(invalid)
         failed = [r for r in results if r.status == "error"]
         if failed:
             summary = "; ".join(f"query[{r.id}]: {r.error}" for r in failed[:5])

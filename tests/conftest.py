@@ -50,3 +50,34 @@ def smollm2_dir() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A random 2-layer Llama (head_dim 64) with SmolLM2's tokenizer and chat template, fp32."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A random ~400K-parameter LlamaForSequenceClassification (one label) with SmolLM2's tokenizer
+    and chat template; a wide init spreads its scores so comparisons between items mean something."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        max_position_embeddings=512,
+        num_labels=1,
+        initializer_range=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    target = tmp_path_factory.mktemp("tiny-reward-model")
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

@@ -10,6 +10,12 @@ from proto import RewardInfo, ScoreItem
 
 ItemScore = float | Exception
 
+
+class InvalidLabel(ValueError):
+    """The item's label (ground truth) is missing or unusable: the client's mistake, not the scorer's,
+    so routes that cannot report per-item errors answer 422 naming ``labels[i]``, not 503."""
+
+
 SCORERS: dict[str, Callable[..., Scorer]] = {}
 
 

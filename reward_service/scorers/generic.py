@@ -20,7 +20,10 @@ class LengthTarget(Scorer):
             raise ValueError("unit must be 'words' or 'chars'")
         if target <= 0:
             raise ValueError("target must be positive")
-        self.target, self.tolerance, self.unit, self.name = target, tolerance or target, unit, name
+        if tolerance is not None and tolerance <= 0:
+            raise ValueError("tolerance must be positive")
+        self.target, self.unit, self.name = target, unit, name
+        self.tolerance = target if tolerance is None else tolerance
 
     def info(self) -> RewardInfo:
         return RewardInfo(
@@ -43,7 +46,10 @@ class RegexMatch(Scorer):
     """1 if the pattern is found (or, with ``absent=True``, not found) in the completion."""
 
     def __init__(self, pattern: str, absent: bool = False, ignore_case: bool = False, name: str = "regex"):
-        self.regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+        try:
+            self.regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+        except re.error as exc:
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         self.absent, self.name = absent, name
 
     def info(self) -> RewardInfo:
@@ -61,9 +67,14 @@ class RegexMatch(Scorer):
         )
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 @register_scorer("generic.json_valid")
 class JsonValid(Scorer):
-    """1 if the completion (stripped, optionally inside a ``json`` code fence) parses as JSON."""
+    """1 if the completion (stripped, optionally inside a ``json`` code fence) parses as strict JSON
+    (RFC 8259: Python's extra ``NaN``/``Infinity`` literals do not count)."""
 
     _FENCE = re.compile(r"^```(?:json)?\s*\n(.*)\n```$", re.DOTALL)
 
@@ -77,8 +88,8 @@ class JsonValid(Scorer):
         text = item.completion.strip()
         fenced = self._FENCE.match(text)
         try:
-            value = json.loads(fenced.group(1) if fenced else text)
-        except json.JSONDecodeError:
+            value = json.loads(fenced.group(1) if fenced else text, parse_constant=_reject_constant)
+        except ValueError:
             return 0.0
         return float(isinstance(value, dict) or not self.require_object)
 

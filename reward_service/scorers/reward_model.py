@@ -53,16 +53,25 @@ class SequenceClassifier(Scorer):
         if not (self.model_path / "config.json").is_file():
             raise FileNotFoundError(f"no Hugging Face checkpoint at {self.model_path}")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, dtype=getattr(torch, self.dtype)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            self.model_path, dtype=getattr(torch, self.dtype), output_loading_info=True
         )
+        if loading["missing_keys"]:  # e.g. a plain causal LM: its score head would be random
+            missing = sorted(loading["missing_keys"])
+            raise ValueError(f"{self.model_path} has no trained weights for {missing}: not a reward model")
         if model.config.num_labels != 1:
             raise ValueError(
                 f"{self.model_path} has {model.config.num_labels} labels; a reward model needs 1"
             )
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.model_path} has no chat template to render prompt + completion with")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model.config.pad_token_id = self.tokenizer.pad_token_id
+        # Positions beyond what the model was built for give meaningless scores: truncate to its window.
+        window = getattr(model.config, "max_position_embeddings", None)
+        if window:
+            self.max_length = min(self.max_length, window)
         self.model = model.to(self.device).eval()
 
     def info(self) -> RewardInfo:
@@ -100,8 +109,14 @@ class SequenceClassifier(Scorer):
             mask = torch.tensor(
                 [[1] * len(ids) + [0] * (width - len(ids)) for _, ids in chunk], device=self.device
             )
-            with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+            try:
+                with torch.inference_mode():
+                    output = self.model(input_ids=input_ids, attention_mask=mask)
+                logits = output.logits[:, 0].float().tolist()
+            except Exception as exc:  # e.g. out of memory: these items fail, the service keeps going
+                for index, _ in chunk:
+                    results[index] = exc
+                continue
             for (index, _), value in zip(chunk, logits, strict=True):
                 value = -value if self.negate else value
                 results[index] = value if math.isfinite(value) else ValueError(f"non-finite score {value}")

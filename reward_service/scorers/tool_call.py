@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from proto import RewardInfo, ScoreItem
-from reward_service.scorers.base import ItemScore, Scorer, per_item, register_scorer
+from reward_service.scorers.base import InvalidLabel, ItemScore, Scorer, per_item, register_scorer
 
 CORRECT_MAX, CORRECT_MIN = 3.0, -3.0
 LENGTH_TARGET_WORDS = 512
@@ -32,7 +32,7 @@ _FORMAT_RULES: dict[tuple[bool, bool], tuple[re.Pattern[str], tuple[str, ...]]] 
 }
 
 
-class MissingLabel(ValueError):
+class MissingLabel(InvalidLabel):
     """The item has no ground truth; rule-based tool-calling rewards need one."""
 
 
@@ -40,6 +40,11 @@ def _label(item: ScoreItem) -> str:
     if item.label is None:
         raise MissingLabel(f"item {item.id!r}: label (the ground-truth completion) is required")
     return item.label
+
+
+# What parse_tool_calls raises on text that is not a well-formed call block (nesting too deep for
+# the JSON parser included).
+_UNPARSABLE = (ValueError, KeyError, TypeError, RecursionError)
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
@@ -75,14 +80,28 @@ def _call_credit(truth: dict[str, Any], candidate: dict[str, Any]) -> float:
     return match(list(expected), list(given)) + same_values
 
 
+def truth_calls(ground_truth: str) -> list[dict[str, Any]] | None:
+    """The ground truth's calls, or None when it expects no call (then correctness is 0)."""
+    if "<tool_call>" not in ground_truth:
+        return None
+    try:
+        return parse_tool_calls(ground_truth)
+    except _UNPARSABLE as exc:
+        raise InvalidLabel(f"the ground truth's <tool_call> block is malformed: {exc}") from exc
+
+
 def correctness(response: str, ground_truth: str) -> float:
     """+3 for the exact calls, −3 for unparsable ones, else 6·S/M − 3 with greedy partial credit."""
-    if "<tool_call>" not in ground_truth:
+    return correctness_against(response, truth_calls(ground_truth))
+
+
+def correctness_against(response: str, truth: list[dict[str, Any]] | None) -> float:
+    """:func:`correctness` with the ground truth already parsed by :func:`truth_calls`."""
+    if truth is None:
         return 0.0
-    truth = parse_tool_calls(ground_truth)
     try:
         predicted = parse_tool_calls(response)
-    except (ValueError, KeyError, TypeError):
+    except _UNPARSABLE:
         return CORRECT_MIN
     if truth == predicted:
         return CORRECT_MAX
@@ -138,7 +157,16 @@ class ToolCallCorrectness(_ToolCallScorer):
     description = "Tool-call correctness vs the ground truth (GD²PO release rules), in [-3, 3]."
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return per_item(items, lambda item: correctness(item.completion.strip(), _label(item)))
+        # The G completions of a group share one label: parse each ground truth once per request.
+        parsed: dict[str, list[dict[str, Any]] | None] = {}
+
+        def one(item: ScoreItem) -> float:
+            label = _label(item)
+            if label not in parsed:
+                parsed[label] = truth_calls(label)
+            return correctness_against(item.completion.strip(), parsed[label])
+
+        return per_item(items, one)
 
 
 @register_scorer("tool_call.format")

@@ -58,6 +58,19 @@ def test_scores_a_batch_and_reports_info(correctness_url: str) -> None:
     assert info["name"] == "correctness" and info["range"] == [-3.0, 3.0]
 
 
+def test_a_group_sharing_one_label_scores_like_items_scored_alone(correctness_url: str) -> None:
+    from reward_service.scorers.tool_call import correctness
+
+    wrong_type = GOOD.replace('"1"', "1")
+    completions = [GOOD, wrong_type, "no call", GOOD.replace('{"page": "1"}', "{}"), wrong_type, GOOD]
+    group = [{"id": f"g{k}", "prompt": "p", "completion": c, "label": G1} for k, c in enumerate(completions)]
+    bad_truth = {"id": "bad", "prompt": "p", "completion": GOOD, "label": "<tool_call>\nnope\n</tool_call>"}
+    results = httpx.post(f"{correctness_url}/v1/score", json={"items": [*group, bad_truth]}).json()["results"]
+    assert [r["score"] for r in results[:-1]] == [correctness(c, G1) for c in completions]
+    assert len({r["score"] for r in results[:-1]}) == 4
+    assert results[-1]["status"] == "error" and results[-1]["score"] is None
+
+
 def test_a_failing_item_is_an_error_never_a_zero(correctness_url: str) -> None:
     body = {"items": [*items(1), {"id": "nolabel", "prompt": "p", "completion": GOOD}]}
     results = httpx.post(f"{correctness_url}/v1/score", json=body).json()["results"]
@@ -97,6 +110,44 @@ def test_oversized_batch_and_body_get_413() -> None:
         metrics = httpx.get(f"{url}/metrics").text
         assert metric_value(metrics, "gd2po_reward_rejected_total", reason="batch_too_large") == 1
         assert metric_value(metrics, "gd2po_reward_rejected_total", reason="body_too_large") == 1
+
+
+def test_streamed_body_over_the_limit_gets_413_without_content_length() -> None:
+    app = create_app(build_scorer("tool_call.length"), ServiceSettings(max_body_bytes=2048))
+
+    def chunks():
+        yield b'{"items": [{"id": "a", "prompt": "p", "completion": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}]}'
+
+    with serve(app, ready_path="/readyz") as url:
+        # A generator body goes out with Transfer-Encoding: chunked, announcing no length.
+        streamed = httpx.post(
+            f"{url}/v1/score", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413 and "2048" in streamed.json()["detail"]
+        small = httpx.post(
+            f"{url}/v1/score",
+            content=iter([b'{"items": ', b'[{"id": "a", "prompt": "p", "completion": "c"}]}']),
+            headers={"content-type": "application/json"},
+        )
+        assert small.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert metric_value(metrics, "gd2po_reward_rejected_total", reason="body_too_large") == 1
+        assert metric_value(metrics, "gd2po_reward_requests_total", route="/v1/score", code="413") == 1
+
+
+def test_invalid_json_is_a_422_and_unknown_paths_add_no_metric_series(correctness_url: str) -> None:
+    broken = httpx.post(
+        f"{correctness_url}/v1/score", content=b'{"items": [', headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    for k in range(5):
+        assert httpx.get(f"{correctness_url}/v1/nothing-{k}").status_code == 404
+    text = httpx.get(f"{correctness_url}/metrics").text
+    assert "nothing-" not in text
+    assert metric_value(text, "gd2po_reward_requests_total", route="/v1/score", code="422") >= 1
 
 
 def test_bearer_token_protects_scoring_not_health() -> None:
@@ -166,7 +217,22 @@ def test_openrlhf_route(correctness_url: str) -> None:
         json={"query": [prompt + GOOD, prompt + "nothing"], "prompts": [prompt, prompt], "labels": [G1, G1]},
     )
     assert ok.status_code == 200 and ok.json() == {"rewards": [3.0, -3.0]}
-    failed = httpx.post(f"{correctness_url}/v1/openrlhf", json={"query": [GOOD]})  # no label: cannot score
+    # No label: the client's mistake, so 422 naming the field (the shape has no per-item errors).
+    unlabelled = httpx.post(
+        f"{correctness_url}/v1/openrlhf", json={"query": [GOOD, GOOD], "labels": [G1, None]}
+    )
+    assert unlabelled.status_code == 422
+    assert [error["loc"] for error in unlabelled.json()["detail"]] == [["body", "labels", 1]]
+    malformed = httpx.post(
+        f"{correctness_url}/v1/openrlhf",
+        json={"query": [GOOD, GOOD], "labels": [G1, "<tool_call>\nnot json\n</tool_call>"]},
+    )
+    assert malformed.status_code == 422 and "malformed" in malformed.json()["detail"][0]["msg"]
+
+
+def test_openrlhf_route_answers_503_when_the_scorer_fails_an_item() -> None:
+    with serve(create_app(_NaNScorer()), ready_path="/readyz") as url:
+        failed = httpx.post(f"{url}/v1/openrlhf", json={"query": ["a", "b"]})
     assert failed.status_code == 503 and "query[0]" in failed.json()["detail"]
 
 

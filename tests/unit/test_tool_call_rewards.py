@@ -1,11 +1,10 @@
 """Every worked vector of data/README.md §1.5 (computed with the authors' reward), plus edge cases."""
 
-import json
-
 import pytest
 
 from proto import ScoreItem
 from reward_service.scorers import build_scorer
+from reward_service.scorers.base import InvalidLabel
 from reward_service.scorers.tool_call import correctness, format_reward, match, think_length
 
 THINK_TOOL = (
@@ -155,4 +154,4 @@ def test_scorer_isolates_a_missing_label_as_an_item_error() -> None:
     ok, missing, bad = scorer.score(items)
     assert ok == 3.0
     assert isinstance(missing, ValueError) and "label" in str(missing)
-    assert isinstance(bad, json.JSONDecodeError)
+    assert isinstance(bad, InvalidLabel) and "ground truth" in str(bad)
