@@ -54,11 +54,11 @@ demo: setup
 	$(VENV)/bin/gd2po up $(DEMO_CONFIG)
 
 bench: setup
-	$(PY) bench/advantages.py
-	$(PY) bench/reward_service.py
-	$(PY) bench/rollout.py
-	$(PY) bench/trainer.py
-	$(PY) bench/pipeline.py
+	$(PY) -m bench.advantages
+	$(PY) -m bench.reward_service
+	$(PY) -m bench.rollout
+	$(PY) -m bench.trainer
+	$(PY) -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache .hypothesis

@@ -1,6 +1,6 @@
 """Benchmark the vectorised advantage estimators against masked whitening and the per-group loop.
 
-Run from the repository root: `python bench/advantages.py`. Targets (ALGORITHM.md batch size: 2048
+Run from the repository root: `python -m bench.advantages`. Targets (ALGORITHM.md batch size: 2048
 prompts × 4 rollouts, K = 3, responses ≤ 1024 tokens): each estimator ≤ 3× one masked-whitening pass
 over the same [N, T] tensor, and ≥ 10× faster than the straightforward per-group loop.
 """
@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from _reference_loop import reference_advantages
 from rich.console import Console
 from rich.table import Table
 
+from bench._reference_loop import reference_advantages
 from trainer.algorithms import ESTIMATORS, compute_advantages, masked_whiten
 
 PROMPTS, ROLLOUTS, REWARDS, MAX_TOKENS = 2048, 4, 3, 1024

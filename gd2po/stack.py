@@ -90,9 +90,15 @@ class Stack:
         ready_url: str | None,
         replica_of: str | None = None,
     ) -> None:
+        command = [sys.executable, "-m", module, "--config", str(self.config_path), *args]
+        cpus = self.pin.get(ROLES[module])
+        if cpus:
+            # taskset confines the process tree; OMP/torch threads sized to it avoid oversubscription.
+            command = ["taskset", "-c", cpus, *command]
+            env = {**env, "OMP_NUM_THREADS": str(_count_cpus(cpus))}
         child = Child(
             name=name,
-            command=[sys.executable, "-m", module, "--config", str(self.config_path), *args],
+            command=command,
             log_path=self.run_dir / "logs" / f"{name}.log",
             env={**self.base_env(), **env},
         ).start(cwd=self.repo_root)

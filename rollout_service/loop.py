@@ -81,6 +81,10 @@ class RolloutLoop:
                 await scoring  # its groups must be in Redis before "caught up" means anything
             depth = await asyncio.to_thread(self.producer.backlog)
             self.metrics.backlog.set(depth)
+            # The batch still being scored lands in the stream soon: count it, or the rollout runs a
+            # batch past the bound and those groups go stale before the trainer gets to them.
+            if scoring is not None and not scoring.done():
+                depth += self.config.rollout.prompts_per_batch
             if await asyncio.to_thread(self._may_generate, depth):
                 return
             await asyncio.sleep(POLL_S)

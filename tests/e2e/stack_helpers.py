@@ -39,9 +39,14 @@ def tiny_stack_config(
     return path
 
 
-def start_gd2po_up(config: Path, run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_gd2po_up(
+    config: Path, run_dir: Path, env: dict[str, str], extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "gd2po.cli", "up", str(config), "--run-dir", str(run_dir), "--no-progress"],
+        [
+            *(sys.executable, "-m", "gd2po.cli", "up", str(config)),
+            *("--run-dir", str(run_dir), "--no-progress", *extra),
+        ],
         cwd=REPO_ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
@@ -104,3 +109,11 @@ def processes_in_session(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":
             alive.append(int(stat.parent.name))
     return alive
+
+
+def allowed_cpus(pid: int) -> str:
+    """The CPU list the kernel lets a process run on (what `taskset -c` set)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(
+        line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list")
+    )

@@ -15,6 +15,7 @@ import pytest
 import redis
 from deploy_refs import exported_series_names, external_references
 from stack_helpers import (
+    allowed_cpus,
     processes_in_session,
     scrape_all,
     start_gd2po_up,
@@ -128,8 +129,12 @@ def test_losing_a_reward_replica_mid_run_costs_retries_not_scores(
     steps = 4
     config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, correctness_replicas=2)
     run_dir = tmp_path / "run"
-    process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
+    # Pinned as bench/pipeline.py runs it: rewards and rollout on CPU 0, the trainer on CPU 1.
+    pins = ("--pin", "rollout=0", "--pin", "reward=0", "--pin", "trainer=1")
+    process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url}, pins)
     manifest = wait_for_manifest(run_dir, process)
+    pinned = {s["name"]: allowed_cpus(s["pid"]) for s in manifest["services"]}
+    assert pinned == {s["name"]: "1" if s["name"] == "trainer" else "0" for s in manifest["services"]}
     victim = next(s for s in manifest["services"] if s["name"] == "reward-correctness-0")
     killed = []
 

@@ -1,17 +1,13 @@
 """Hypothesis properties of `compute_advantages`, cross-checked against the per-group loop reference."""
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from bench._reference_loop import reference_advantages
 from trainer.algorithms import compute_advantages
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from _reference_loop import reference_advantages
 
 FAST = settings(max_examples=60, deadline=None)
 # Dyadic rewards: sums are exact, so ties and constant groups occur often and mean zero is exact.

@@ -1,0 +1,64 @@
+"""Tiny helpers shared by the benchmarks: machine and version facts, load, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def machine() -> str:
+    """One line: CPU model, cores usable by this process, total memory."""
+    pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return f"{cpu_model()}, nproc {len(os.sched_getaffinity(0))}, {pages * size / 2**30:.0f} GiB RAM"
+
+
+def versions(*packages: str) -> str:
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def load() -> str:
+    """`uptime`-style load averages (1, 5, 15 min): the machine is shared, so record them."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def mem_available_gib() -> float:
+    with open("/proc/meminfo") as info:
+        for line in info:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_section(title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace the ``## title`` section of RESULTS.md (or append it), leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
