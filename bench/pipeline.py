@@ -159,7 +159,7 @@ def run_gd2po(
         str(run_dir),
         "--no-progress",
     ]
-    command += PINS if pinned else []
+    command += PINS if pinned else ["--no-auto-pin"]
     shutil.rmtree(run_dir, ignore_errors=True)  # a re-measured run starts from an empty folder
     wait_for_memory(min_free)
     before = load()
@@ -189,6 +189,8 @@ def run_gd2po(
     from gd2po.runlog import read_steps
 
     records = read_steps(run_dir)
+    for heavy in ("weights", "checkpoints"):  # GBs per run; the figures come from logs and metrics
+        shutil.rmtree(run_dir / heavy, ignore_errors=True)
     progress.update(task, completed=len(records))
     if len(records) < 2:
         raise RuntimeError(f"{name}: only {len(records)} step(s) logged in {run_dir}")
@@ -318,7 +320,8 @@ def run_trl(
     out.unlink(missing_ok=True)
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "bench.pipeline",
         "--trl-worker",
         str(out),
         "--config",

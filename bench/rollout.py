@@ -130,6 +130,7 @@ def run_direct(spec: dict) -> None:
                 messages = [m.model_dump() for m in record.messages]
                 text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt:])
+            llm.reset_prefix_cache()  # both variants see the same prompts: no cache hits for the second
             outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
             tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
             batches[name].append((started, time.time(), tokens))
@@ -149,7 +150,7 @@ def direct(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[list[floa
     log = workdir / "direct.log"
     with log.open("w") as handle:
         result = subprocess.run(
-            [sys.executable, __file__, "--direct", json.dumps(spec)],
+            [sys.executable, "-m", "bench.rollout", "--direct", json.dumps(spec)],
             cwd=REPO,
             env={**os.environ, **ENV},
             stdout=subprocess.PIPE,
@@ -340,7 +341,7 @@ def main() -> None:
     if not args.no_record and not args.quick:
         markdown = "\n".join(
             [
-                f"{utc_now()}, `python {' '.join(sys.argv)}`",
+                f"{utc_now()}, `python -m bench.rollout {' '.join(sys.argv[1:])}`",
                 "",
                 *(f"- {line}" for line in header),
                 "",

@@ -236,7 +236,7 @@ def main() -> None:
     if not args.no_record and not args.quick:
         markdown = "\n".join(
             [
-                f"{utc_now()}, `python {' '.join(sys.argv)}`",
+                f"{utc_now()}, `python -m bench.trainer {' '.join(sys.argv[1:])}`",
                 "",
                 *(f"- {line}" for line in header),
                 "",

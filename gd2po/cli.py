@@ -24,6 +24,9 @@ def up(
         [],
         help="Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward).",
     ),
+    auto_pin: bool = typer.Option(
+        True, help="Without --pin, split the cores between rollout and trainer in asynchronous runs."
+    ),
 ) -> None:
     """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
     from gd2po.stack import ROLES, StackError, run_stack
@@ -37,7 +40,7 @@ def up(
             f"unknown role(s) {sorted(unknown)}; use {sorted(ROLES.values())}", param_hint="--pin"
         )
     try:
-        folder = run_stack(config, run_dir=run_dir, progress=progress, pin=pins)
+        folder = run_stack(config, run_dir=run_dir, progress=progress, pin=pins, auto_pin=auto_pin)
     except StackError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

@@ -38,6 +38,18 @@ def _count_cpus(cpu_list: str) -> int:
     return count
 
 
+def split_cores(cpus: list[int], synchronous: bool) -> dict[str, str]:
+    """Default pinning for an asynchronous run: the rollout (with the reward services) on the first half
+    of the cores, the trainer on the other half. Both sides compute at once, and letting each use every
+    core oversubscribes them (measured on 2 cores: 5× slower steps than either pinned or synchronous).
+    A synchronous run alternates the two sides, so each keeps every core."""
+    if synchronous or len(cpus) < 2:
+        return {}
+    half = len(cpus) // 2
+    rollout, trainer = ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
+    return {"rollout": rollout, "reward": rollout, "trainer": trainer}
+
+
 class StackError(RuntimeError):
     """A service failed to start or died; the message carries the tail of its log."""
 
@@ -256,8 +268,12 @@ def run_stack(
     run_dir: Path | None = None,
     progress: bool = True,
     pin: dict[str, str] | None = None,
+    auto_pin: bool = True,
 ) -> Path:
-    """Run the stack until the trainer finishes; always stop every child. Returns the run folder."""
+    """Run the stack until the trainer finishes; always stop every child. Returns the run folder.
+
+    Without an explicit ``pin``, ``auto_pin`` splits the cores between rollout and trainer
+    (:func:`split_cores`)."""
     from gd2po.progress import follow_run
     from gd2po.report import write_report
 
@@ -265,6 +281,8 @@ def run_stack(
     config = load_config(config_path)
     repo_root = Path.cwd()
     run_dir = Path(run_dir or new_run_dir(config)).resolve()
+    if not pin and auto_pin:
+        pin = split_cores(sorted(os.sched_getaffinity(0)), config.synchronous)
     stack = Stack(config_path=config_path, config=config, run_dir=run_dir, repo_root=repo_root, pin=pin or {})
     with _sigterm_as_interrupt():
         try:

@@ -25,6 +25,7 @@ from stack_helpers import (
 )
 
 from gd2po.runlog import read_steps
+from gd2po.stack import split_cores
 from proto import ScoredGroup, decode
 from proto.codec import CodecError
 from proto.keys import RedisKeys
@@ -77,6 +78,12 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     run_dir = tmp_path / "run"
     process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
     manifest = wait_for_manifest(run_dir, process)
+    # Asynchronous and no --pin: the cores are split between the rollout side and the trainer.
+    split = split_cores(sorted(os.sched_getaffinity(0)), synchronous=False)
+    for service in manifest["services"]:
+        role = "trainer" if service["name"] == "trainer" else "rollout"
+        expected = split.get(role) or allowed_cpus(os.getpid())
+        assert allowed_cpus(service["pid"]) == expected, service["name"]
     scrapes = run_until_done(process, run_dir, manifest)
     output = process.communicate()[0]
     assert process.returncode == 0, output
