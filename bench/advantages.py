@@ -6,7 +6,6 @@ over the same [N, T] tensor, and ≥ 10× faster than the straightforward per-gr
 """
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench._common import cpu_model
 from bench._reference_loop import reference_advantages
 from trainer.algorithms import ESTIMATORS, compute_advantages, masked_whiten
 
@@ -42,14 +42,6 @@ def make_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, 
     lengths = torch.randint(1, MAX_TOKENS + 1, (n,), generator=generator)
     mask = (torch.arange(MAX_TOKENS)[None, :] < lengths[:, None]).float()
     return rewards, group_ids, mask
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -51,18 +51,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._common import load, machine, mem_available_gib, utc_now, versions, write_section
+from bench._common import ENV, load, machine, mem_available_gib, utc_now, versions, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"
 PINS = ["--pin", "rollout=0", "--pin", "trainer=1", "--pin", "reward=0"]
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-}
 RUNS = {  # name: (synchronous, pinned)
     "async-pinned": (False, True),
     "sync-pinned": (True, True),

@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from bench._common import ENV as BENCH_ENV
 from bench._common import load, machine, utc_now, versions, write_section
 from gd2po.processes import Child
 from gd2po.redis_server import RedisProcess, free_port
@@ -51,13 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DATA = REPO / "data" / "tool_calling" / "rlla_sft400" / "train.parquet"
 REWARDS = ("correctness", "format", "length")
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
+ENV = {**BENCH_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in-process, as the service runs it
 SEED = 0
 DIRECT = {"LLM.generate": None, "LLM.generate, logprobs=0": 0}  # variant → SamplingParams.logprobs
 console = Console(width=120)
