@@ -52,6 +52,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench._common import ENV, load, machine, mem_available_gib, utc_now, versions, write_section
+from proto.config import load_config, read_config_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"
@@ -84,7 +85,7 @@ class Measured:
 
 def derive_config(source: Path, steps: int, quick: bool, workdir: Path) -> Path:
     """The demo config with ``steps`` steps (checkpoint only at the end); smaller sequences if quick."""
-    config = yaml.safe_load(source.read_text())
+    config = read_config_mapping(source)
     config["trainer"].update(total_steps=steps, save_every=steps)
     if quick:
         config["model"].update(max_prompt_tokens=256, max_response_tokens=32)
@@ -215,7 +216,6 @@ def trl_worker(config_path: Path, steps: int, out: Path) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from proto import ScoreItem
-    from proto.config import load_config
     from reward_service.scorers import build_scorer
     from rollout_service.prompts import PromptSource
 

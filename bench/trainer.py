@@ -50,7 +50,7 @@ LABELS = {
     "advantages": "advantages (batch tensors, GD²PO-SNR)",
     "forward_backward": "forward/backward",
     "optimizer": "optimizer",
-    "publish": "publish (safetensors, sha256, announce)",
+    "publish": "publish (safetensors, blake3, announce)",
 }
 console = Console(width=120)
 

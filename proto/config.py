@@ -241,17 +241,44 @@ def _interpolate(text: str, source: Path) -> str:
     return _PLACEHOLDER.sub(replace, text)
 
 
+def read_config_mapping(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of an experiment file, ``${VAR}``s expanded and ``extends:`` resolved.
+
+    ``extends: base.yaml`` (relative to the file) starts from the base and merges this file over it:
+    mappings merge key by key, anything else (lists such as ``rewards``, scalars) replaces. Variant
+    experiments then state only what differs, e.g. the estimator."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _chain:
+        cycle = " → ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: extends itself ({cycle})")
+    loaded = yaml.safe_load(_interpolate(path.read_text(), path)) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
+    return _merge(read_config_mapping(path.parent / base, (*_chain, path.resolve())), loaded)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """Load an experiment YAML (optional), apply environment overrides, validate everything."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(_interpolate(path.read_text(), path)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data.update(loaded)
+        data.update(read_config_mapping(path))
     data.update(overrides)
     try:
         return ExperimentConfig(**data)

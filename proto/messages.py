@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ID_LENGTH = 256
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^blake3:[0-9a-f]{64}$")
 
 
 class _WireModel(BaseModel):
@@ -196,15 +196,17 @@ class PolicyAnnouncement(_WireModel):
 
     version: int = Field(ge=0)
     path: str = Field(min_length=1, description="Directory with safetensors + config + tokenizer.")
-    sha256: str = Field(description="Digest of the folder's weight files (see trainer publisher).")
+    digest: str = Field(
+        description="``blake3:`` + 64 hex: digest of the folder's weight files (see proto.weights)."
+    )
     step: int = Field(ge=0)
     created_at: float
 
-    @field_validator("sha256")
+    @field_validator("digest")
     @classmethod
     def _hex_digest(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError("sha256 must be 64 lowercase hex characters")
+        if not _DIGEST.match(value):
+            raise ValueError("digest must be 'blake3:' followed by 64 lowercase hex characters")
         return value
 
 

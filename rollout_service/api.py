@@ -50,7 +50,9 @@ class ChatRequest(_Request):
 
 class ReloadRequest(BaseModel):
     path: str
-    sha256: str | None = Field(default=None, description="Refuse the folder unless its digest matches.")
+    digest: str | None = Field(
+        default=None, description="Refuse the folder unless its digest (blake3:…) matches."
+    )
     version: int | None = Field(default=None, ge=0, description="Version tag for later groups (default: +1).")
 
 
@@ -147,7 +149,7 @@ def create_api(
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="engine still loading")
         version = request.version if request.version is not None else follower.version + 1
         try:
-            await asyncio.to_thread(follower.load, Path(request.path), request.sha256, version)
+            await asyncio.to_thread(follower.load, Path(request.path), request.digest, version)
         except WeightReloadError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
         return ReloadResponse(version=version, path=request.path)

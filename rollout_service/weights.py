@@ -38,24 +38,24 @@ class PolicyFollower:
         announcement = self.announced()
         if announcement is None or announcement.version <= self.version:
             return False
-        if (announcement.version, announcement.sha256) in self._refused:
+        if (announcement.version, announcement.digest) in self._refused:
             return False
         try:
-            self.load(Path(announcement.path), announcement.sha256, announcement.version)
+            self.load(Path(announcement.path), announcement.digest, announcement.version)
         except WeightReloadError as exc:
-            self._refused.add((announcement.version, announcement.sha256))
+            self._refused.add((announcement.version, announcement.digest))
             log.error("keeping policy version %d: %s", self.version, exc)
             return False
         return True
 
-    def load(self, folder: Path, sha256: str | None, version: int) -> None:
+    def load(self, folder: Path, digest: str | None, version: int) -> None:
         """Verify then reload; any failure leaves the previous weights in place."""
         started = time.perf_counter()
         try:
-            if sha256 is not None:
+            if digest is not None:
                 actual = weights_digest(folder)
-                if actual != sha256:
-                    raise WeightReloadError(f"{folder}: digest {actual[:12]}… does not match {sha256[:12]}…")
+                if actual != digest:
+                    raise WeightReloadError(f"{folder}: digest {actual[:19]}… does not match {digest[:19]}…")
             self.engine.reload(folder)
         except WeightReloadError:
             self.metrics.reload_failures.inc()

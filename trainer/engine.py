@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,10 +94,12 @@ class PolicyEngine:
     def zero_stage(self) -> int:
         return int(self.engine.zero_optimization_stage())
 
-    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Log-probs of each next token under the current policy, [n, L−1] float32."""
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits
-        return token_logprobs_from_logits(logits[:, :-1].float(), input_ids[:, 1:])
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Log-probs of each next token under the current policy, [n, L−1] float32 (see
+        ``response_logprobs``)."""
+        return response_logprobs(self.engine, input_ids, attention_mask, response_mask)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -111,3 +114,23 @@ class PolicyEngine:
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def response_logprobs(
+    model: Callable[..., Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """log π(token t+1 | ≤ t) for every target position t, [n, L−1] float32, zero before the batch's first
+    response target. The LM head runs only from there on (``logits_to_keep``): no loss term reads a
+    prompt position, and on the demo (~830-token prompts, 64-token answers, 49k vocabulary) the
+    prompt's logits were most of the activation memory and ~15 % of forward/backward."""
+    targets = response_mask.shape[1]
+    active = response_mask.any(dim=0).nonzero()
+    first = int(active[0]) if active.numel() else targets
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=targets + 1 - first
+    ).logits
+    logprobs = token_logprobs_from_logits(logits[:, :-1].float(), input_ids[:, first + 1 :])
+    return torch.nn.functional.pad(logprobs, (first, 0))

@@ -1,6 +1,10 @@
 """Publish policy weights for the rollout services: a complete safetensors folder (config + tokenizer),
 written to a temporary directory and renamed into place so readers never see half a folder, then
-announced as ``{version, path, sha256}`` on the policy key and the events channel. Keeps the last N."""
+announced as ``{version, path, digest}`` on the policy key and the events channel. Keeps the last N.
+
+The weights are written straight from the parameters with ``safetensors.save_file`` (no state-dict copy,
+none of ``save_pretrained``'s sharding and conversion passes): publishing is on the critical path of every
+step, and this halves it on the demo model (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import redis
 import torch
+from safetensors.torch import save_file
 
 from proto import PolicyAnnouncement, encode
 from proto.keys import RedisKeys
@@ -30,14 +35,24 @@ TOKENIZER_FILES = (
 
 
 def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Every parameter in full on this rank (gathered from ZeRO-3 partitions when needed), on CPU."""
+    """Every tensor in full on this rank, on CPU, each storage once (tied weights keep their first name,
+    as ``save_pretrained`` does). Below ZeRO-3 CPU parameters are returned as they are, not copied: the
+    caller writes them before the next optimizer step; ZeRO-3 partitions are gathered and copied."""
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    state = {}
     with gather:
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+        for name, tensor in module.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            state[name] = tensor.detach().to("cpu", copy=zero_stage == 3).contiguous()
+    return state
 
 
 class WeightPublisher:
@@ -50,7 +65,8 @@ class WeightPublisher:
         final = self.root / f"step-{step}"
         staging = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=self.root))
         try:
-            module.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+            module.config.save_pretrained(staging)
             for name in TOKENIZER_FILES:
                 source = self.tokenizer_dir / name
                 if source.is_file():
@@ -66,7 +82,7 @@ class WeightPublisher:
         announcement = PolicyAnnouncement(
             version=version,
             path=str(folder.resolve()),
-            sha256=weights_digest(folder),
+            digest=weights_digest(folder),
             step=step,
             created_at=time.time(),
         )

@@ -64,7 +64,10 @@ def train_on(
     old_logprobs = batch.old_logprobs
     if trainer.recompute_old_logprobs:
         with torch.no_grad():
-            old_logprobs = engine.token_logprobs(batch.input_ids, batch.attention_mask) * batch.response_mask
+            old_logprobs = (
+                engine.token_logprobs(batch.input_ids, batch.attention_mask, batch.response_mask)
+                * batch.response_mask
+            )
     accumulation = engine.accumulation_steps
     totals: dict[str, float] = {}
     updates = rows_trained = 0
@@ -86,7 +89,9 @@ def train_on(
                 rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
                 tick = time.perf_counter()
                 if rows.numel():
-                    logprobs = engine.token_logprobs(batch.input_ids[rows], batch.attention_mask[rows])
+                    logprobs = engine.token_logprobs(
+                        batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
+                    )
                     loss, stats = policy_loss(
                         logprobs,
                         old_logprobs[rows],

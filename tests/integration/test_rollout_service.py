@@ -147,7 +147,9 @@ def test_weight_reload_changes_tokens_and_version(rollout, tiny_model_dir: Path,
     before = _greedy(url)
     folder = _perturbed_copy(tiny_model_dir, tmp_path / "step-1")
 
-    bad = PolicyAnnouncement(version=1, path=str(folder), sha256="0" * 64, step=1, created_at=time.time())
+    bad = PolicyAnnouncement(
+        version=1, path=str(folder), digest="blake3:" + "0" * 64, step=1, created_at=time.time()
+    )
     client.set(KEYS.policy, encode(bad))
     drain(client)  # make room so the loop runs a batch (and syncs weights first)
     wait_until(
@@ -156,7 +158,7 @@ def test_weight_reload_changes_tokens_and_version(rollout, tiny_model_dir: Path,
     )
     assert service.policy.version == 0 and _greedy(url) == before  # old weights kept
 
-    good = bad.model_copy(update={"sha256": weights_digest(folder), "version": 2})
+    good = bad.model_copy(update={"digest": weights_digest(folder), "version": 2})
     client.set(KEYS.policy, encode(good))
     new_groups: list[ScoredGroup] = []
 

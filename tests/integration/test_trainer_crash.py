@@ -29,7 +29,11 @@ def journal(run_dir: Path) -> list[dict]:
 
 
 def start_trainer(config: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    # A fresh single-process trainer: not the rendezvous of a trainer an earlier test ran in this process.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".cache" / "torch_extensions")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", "--config", str(config), *extra],
         cwd=REPO,

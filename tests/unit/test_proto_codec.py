@@ -126,7 +126,7 @@ STRATEGIES: dict[type[BaseModel], st.SearchStrategy] = {
         PolicyAnnouncement,
         version=st.integers(0, 1000),
         path=ident,
-        sha256=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+        digest=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64).map("blake3:".__add__),
         step=st.integers(0, 1000),
         created_at=finite,
     ),
@@ -173,14 +173,14 @@ def test_encoded_envelope_carries_schema_version_and_type() -> None:
 
 def test_unknown_major_version_is_refused_with_a_clear_error() -> None:
     envelope = msgpack.unpackb(encode(ScoredGroup(**_group())))
-    envelope["v"] = "2.0"
-    with pytest.raises(SchemaVersionError, match=r"'2\.0'.*major version 1"):
+    envelope["v"] = "1.0"  # before PolicyAnnouncement.sha256 became digest
+    with pytest.raises(SchemaVersionError, match=r"'1\.0'.*major version 2"):
         decode(msgpack.packb(envelope), ScoredGroup)
 
 
 def test_newer_minor_version_with_extra_fields_is_accepted() -> None:
     envelope = msgpack.unpackb(encode(ScoredGroup(**_group())))
-    envelope["v"] = "1.7"
+    envelope["v"] = "2.7"
     envelope["body"]["a_future_field"] = 42
     assert decode(msgpack.packb(envelope), ScoredGroup).group_id == "g"
 
@@ -252,6 +252,7 @@ def test_openrlhf_lengths_must_match() -> None:
         OpenRLHFRequest(query=["a", "b"], labels=["x"])
 
 
-def test_policy_announcement_needs_a_hex_digest() -> None:
-    with pytest.raises(ValidationError, match="sha256"):
-        PolicyAnnouncement(version=1, path="/w", sha256="xyz", step=1, created_at=0.0)
+@pytest.mark.parametrize("digest", ["xyz", "0" * 64, "sha256:" + "0" * 64, "blake3:" + "A" * 64])
+def test_policy_announcement_needs_a_blake3_hex_digest(digest: str) -> None:
+    with pytest.raises(ValidationError, match="digest must be 'blake3:'"):
+        PolicyAnnouncement(version=1, path="/w", digest=digest, step=1, created_at=0.0)

@@ -23,6 +23,50 @@ def test_every_shipped_config_is_valid() -> None:
         assert config.rewards, f"{path.name} defines no rewards"
 
 
+@pytest.mark.parametrize("estimator", ["gd2po_hard", "gdpo", "grpo"])
+def test_baseline_configs_differ_from_the_demo_only_in_estimator_and_run(estimator: str) -> None:
+    demo = load_config(REPO / "configs" / "tool_calling_smollm2_cpu.yaml").model_dump(mode="json")
+    name = estimator.replace("_", "-")
+    variant = load_config(REPO / "configs" / f"tool_calling_{estimator}_smollm2_cpu.yaml").model_dump(
+        mode="json"
+    )
+    assert variant["trainer"].pop("estimator") == estimator
+    assert variant.pop("run") == {
+        **demo.pop("run"),
+        "name": f"tool-calling-{name}",
+        "output_dir": f"runs/tool-calling-{name}",
+    }
+    demo["trainer"].pop("estimator")
+    assert variant == demo
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(
+        "trainer: {lr: 2.0e-6, tau: 0.5}\nrewards:\n  - {name: a, url: 'http://127.0.0.1:1'}\n"
+        "  - {name: b, url: 'http://127.0.0.1:2'}\n"
+    )
+    (tmp_path / "nested").mkdir()
+    child = tmp_path / "nested" / "child.yaml"
+    child.write_text(
+        "extends: ../base.yaml\ntrainer: {tau: 0.9}\nrewards:\n  - {name: c, url: 'http://127.0.0.1:3'}\n"
+    )
+    config = load_config(child)
+    assert (config.trainer.lr, config.trainer.tau) == (2e-6, 0.9)
+    assert config.reward_names == ["c"]
+
+
+def test_extends_errors_name_the_problem(tmp_path: Path) -> None:
+    missing = _write(tmp_path, "extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(missing)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="extends must be a file name"):
+        load_config(_write(tmp_path, "extends: [a.yaml]\n"))
+
+
 def test_yaml_values_are_loaded_and_typed(tmp_path: Path) -> None:
     path = _write(
         tmp_path,

@@ -1,0 +1,70 @@
+"""The trainer's log-probs run the LM head only from the first response position: same values and the
+same gradients as the full-sequence computation wherever a loss can look."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.engine import response_logprobs
+from trainer.loss import token_logprobs_from_logits
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def _batch(prompt_lengths: list[int], answer_lengths: list[int], seed: int = 1):
+    """Right-padded prompt + answer rows and their response mask over target positions."""
+    generator = torch.Generator().manual_seed(seed)
+    length = max(p + a for p, a in zip(prompt_lengths, answer_lengths, strict=True))
+    ids = torch.randint(1, 97, (len(prompt_lengths), length), generator=generator)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros(len(prompt_lengths), length - 1)
+    for row, (prompt, answer) in enumerate(zip(prompt_lengths, answer_lengths, strict=True)):
+        attention[row, : prompt + answer] = 1
+        ids[row, prompt + answer :] = 0
+        response[row, prompt - 1 : prompt - 1 + answer] = 1.0
+    return ids, attention, response
+
+
+def _full(model, ids, attention):
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    return token_logprobs_from_logits(logits[:, :-1].float(), ids[:, 1:])
+
+
+@pytest.mark.parametrize(("prompts", "answers"), [([9, 5, 12], [4, 7, 3]), ([1], [6]), ([20, 20], [1, 2])])
+def test_values_and_gradients_match_the_full_sequence_on_response_positions(model, prompts, answers) -> None:
+    ids, attention, response = _batch(prompts, answers)
+    partial = response_logprobs(model, ids, attention, response)
+    assert partial.shape == response.shape
+    first = min(prompts) - 1
+    assert torch.count_nonzero(partial[:, :first]) == 0  # nothing computed before the first target
+
+    full = _full(model, ids, attention)
+    assert torch.allclose(partial * response, full * response, atol=1e-6)
+
+    advantages = torch.linspace(-1.0, 1.0, response.numel()).reshape(response.shape)
+    model.zero_grad()
+    (partial * response * advantages).sum().backward()
+    partial_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (_full(model, ids, attention) * response * advantages).sum().backward()
+    for got, expected in zip(partial_grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_a_batch_without_response_tokens_gives_zeros(model) -> None:
+    ids, attention, response = _batch([6, 4], [2, 3])
+    result = response_logprobs(model, ids, attention, torch.zeros_like(response))
+    assert result.shape == response.shape and torch.count_nonzero(result) == 0
