@@ -140,7 +140,11 @@ class TrainerConfig(_Section):
     clip_high: float = 0.2
     dual_clip: float | None = 3.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # Low-variance (k3) KL to a frozen reference policy, off in the paper's runs (ALGORITHM.md §8).
     kl_coef: float = Field(default=0.0, ge=0)
+    reference_path: Path | None = Field(
+        default=None, description="Reference policy for kl_coef > 0 (default: model.path, the start)."
+    )
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False
     # Rows whose advantage is 0 everywhere (zero-variance groups, GD²PO-dropped rollouts) add exactly

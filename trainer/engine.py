@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from proto.config import ExperimentConfig
-from trainer.loss import token_logprobs_from_logits
+from trainer.loss import entropy_from_logits, token_logprobs_from_logits
 
 
 def init_distributed() -> None:
@@ -87,19 +88,31 @@ class PolicyEngine:
         return self.engine.module
 
     @property
+    def micro_batch_size(self) -> int:
+        return int(self.engine.train_micro_batch_size_per_gpu())
+
+    @property
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     @property
     def zero_stage(self) -> int:
         return int(self.engine.zero_optimization_stage())
 
     def token_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Log-probs of each next token under the current policy, [n, L−1] float32 (see
-        ``response_logprobs``)."""
-        return response_logprobs(self.engine, input_ids, attention_mask, response_mask)
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) under the current policy, [n, L−1] float32 (see ``response_logprobs``)."""
+        return response_logprobs(self.engine, input_ids, attention_mask, response_mask, entropy=entropy)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -116,21 +129,45 @@ class PolicyEngine:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+class ReferencePolicy:
+    """The frozen policy the KL penalty pulls toward (``trainer.reference_path``, by default the starting
+    checkpoint): a plain eval-mode module beside the DeepSpeed engine, never updated, never saved.
+    Every rank holds it whole, so under ZeRO-3 it costs one unsharded copy per rank."""
+
+    def __init__(self, path: Path, dtype: str, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model = model.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        return response_logprobs(self.model, input_ids, attention_mask, response_mask)
+
+
 def response_logprobs(
     model: Callable[..., Any],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
-) -> torch.Tensor:
+    *,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(token t+1 | ≤ t) for every target position t, [n, L−1] float32, zero before the batch's first
-    response target. The LM head runs only from there on (``logits_to_keep``): no loss term reads a
-    prompt position, and on the demo (~830-token prompts, 64-token answers, 49k vocabulary) the
-    prompt's logits were most of the activation memory and ~15 % of forward/backward."""
+    response target; with ``entropy`` also the policy's entropy at those positions (else None).
+
+    The LM head runs only from the first response target on (``logits_to_keep``): no loss term reads a
+    prompt position, and on the demo (~830-token prompts, 96-token answers, 49k vocabulary) the
+    prompt's logits were most of the activation memory of a forward."""
     targets = response_mask.shape[1]
     active = response_mask.any(dim=0).nonzero()
     first = int(active[0]) if active.numel() else targets
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=targets + 1 - first
     ).logits
-    logprobs = token_logprobs_from_logits(logits[:, :-1].float(), input_ids[:, first + 1 :])
-    return torch.nn.functional.pad(logprobs, (first, 0))
+    logits = logits[:, :-1]
+    logprobs = token_logprobs_from_logits(logits, input_ids[:, first + 1 :])
+    pad = torch.nn.functional.pad
+    return pad(logprobs, (first, 0)), pad(entropy_from_logits(logits), (first, 0)) if entropy else None

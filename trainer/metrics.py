@@ -21,6 +21,7 @@ SCALARS = {
     "grad_norm": "Global gradient norm before clipping",
     "learning_rate": "Learning rate",
     "kl": "Approximate KL to the behaviour policy (k3)",
+    "kl_ref": "KL to the reference policy (k3; 0 unless trainer.kl_coef > 0)",
     "entropy": "Mean token entropy (0 unless entropy is computed)",
     "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
     "tokens_per_second": "Trained tokens per second of step time",

@@ -25,7 +25,7 @@ from proto.redis_conn import connect
 from trainer import checkpoint
 from trainer.batching import build_batch
 from trainer.consumer import Counts, GroupConsumer, Pulled
-from trainer.engine import PolicyEngine
+from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import WeightPublisher, full_state_dict
@@ -40,16 +40,13 @@ class UnsupportedOption(ValueError):
 
 class Trainer:
     def __init__(self, config: ExperimentConfig, *, resume: bool = False, max_steps: int | None = None):
-        if config.trainer.kl_coef or config.trainer.entropy_coef:
-            raise UnsupportedOption(
-                "trainer.kl_coef and trainer.entropy_coef must be 0: no reference model yet"
-            )
         if not config.rewards:
             raise UnsupportedOption("rewards: at least one reward is needed")
         self.config, self.resume = config, resume
         self.total_steps = min(config.trainer.total_steps, max_steps or config.trainer.total_steps)
         self.metrics = TrainerMetrics()
         self.engine: PolicyEngine | None = None
+        self.reference: ReferencePolicy | None = None
         self.ready = False
         self.stopping = threading.Event()
         self.run_dir = Path(config.run.output_dir)
@@ -77,6 +74,12 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     def run(self) -> checkpoint.TrainerState:
         engine = self.engine = PolicyEngine(self.config)
+        if self.config.trainer.kl_coef:
+            self.reference = ReferencePolicy(
+                self.config.trainer.reference_path or self.config.model.path,
+                self.config.model.dtype,
+                engine.device,
+            )
         rank = dist.get_rank()
         client = connect(self.config.redis)
         consumer = GroupConsumer(client, self.keys) if rank == 0 else None
@@ -174,7 +177,7 @@ class Trainer:
         advantage_time = time.perf_counter() - tick
 
         shard = _shard(batch.size)
-        record = train_on(engine, batch.select(shard), advantages[shard], self.config)
+        record = train_on(engine, batch.select(shard), advantages[shard], self.config, self.reference)
         state.step += 1
 
         tick = time.perf_counter()

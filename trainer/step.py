@@ -11,7 +11,7 @@ import torch
 from proto.config import ExperimentConfig
 from trainer.algorithms import compute_advantages
 from trainer.batching import TrainBatch
-from trainer.engine import PolicyEngine
+from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.loss import policy_loss
 
 
@@ -53,21 +53,41 @@ def _weight(batch: TrainBatch, rows: torch.Tensor, total: float, agg: str) -> fl
     return part / total if total > 0 else 0.0
 
 
+def _frozen_logprobs(
+    policy: PolicyEngine | ReferencePolicy, batch: TrainBatch, rows_per_forward: int
+) -> torch.Tensor:
+    """[N, L−1] log-probs on response targets, without gradients, a micro-batch of rows per forward."""
+    with torch.no_grad():
+        parts = [
+            policy.token_logprobs(
+                batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
+            )[0]
+            for rows in torch.arange(batch.size).split(rows_per_forward)
+        ]
+    return torch.cat(parts) * batch.response_mask
+
+
 def train_on(
-    engine: PolicyEngine, batch: TrainBatch, advantages: torch.Tensor, config: ExperimentConfig
+    engine: PolicyEngine,
+    batch: TrainBatch,
+    advantages: torch.Tensor,
+    config: ExperimentConfig,
+    reference: ReferencePolicy | None = None,
 ) -> dict[str, float]:
     """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times.
 
-    Loss statistics average over the rows that train (idle rows are skipped, see ``skip_idle_rows``);
-    ``rows_trained`` is the mean number of rows forwarded per optimizer step."""
+    Loss statistics average over the rows that train (idle rows are skipped, see ``skip_idle_rows``,
+    unless a KL or entropy term gives them a gradient); ``rows_trained`` is the mean number of rows
+    forwarded per optimizer step."""
     trainer = config.trainer
-    old_logprobs = batch.old_logprobs
-    if trainer.recompute_old_logprobs:
-        with torch.no_grad():
-            old_logprobs = (
-                engine.token_logprobs(batch.input_ids, batch.attention_mask, batch.response_mask)
-                * batch.response_mask
-            )
+    if trainer.kl_coef and reference is None:
+        raise ValueError("trainer.kl_coef > 0 needs a reference policy")
+    micro = engine.micro_batch_size
+    old_logprobs = (
+        _frozen_logprobs(engine, batch, micro) if trainer.recompute_old_logprobs else batch.old_logprobs
+    )
+    ref_logprobs = _frozen_logprobs(reference, batch, micro) if trainer.kl_coef else None
+    skip_idle = trainer.skip_idle_rows and not (trainer.kl_coef or trainer.entropy_coef)
     accumulation = engine.accumulation_steps
     totals: dict[str, float] = {}
     updates = rows_trained = 0
@@ -80,7 +100,7 @@ def train_on(
             total = (
                 float(mask.sum()) if trainer.loss_agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
             )
-            if trainer.skip_idle_rows:  # the denominator above still counts them: same gradient
+            if skip_idle:  # the denominator above still counts them: same gradient
                 mini = mini[(advantages[mini] != 0).any(dim=1)]
             rows_trained += mini.numel()
             micro_rows = _micro_batches(mini, accumulation)
@@ -89,8 +109,11 @@ def train_on(
                 rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
                 tick = time.perf_counter()
                 if rows.numel():
-                    logprobs = engine.token_logprobs(
-                        batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
+                    logprobs, entropy = engine.token_logprobs(
+                        batch.input_ids[rows],
+                        batch.attention_mask[rows],
+                        batch.response_mask[rows],
+                        entropy=bool(trainer.entropy_coef),
                     )
                     loss, stats = policy_loss(
                         logprobs,
@@ -101,6 +124,10 @@ def train_on(
                         clip_high=trainer.clip_high,
                         dual_clip=trainer.dual_clip,
                         agg=trainer.loss_agg,
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                        kl_coef=trainer.kl_coef,
+                        entropy=entropy,
+                        entropy_coef=trainer.entropy_coef,
                     )
                     share = _weight(batch, rows, total, trainer.loss_agg)
                     engine.backward(loss * share * accumulation)  # DeepSpeed divides by `accumulation`

@@ -12,7 +12,7 @@ import torch
 from proto.config import ExperimentConfig
 from tests.trainer_data import generate_groups
 from trainer.batching import build_batch
-from trainer.engine import PolicyEngine
+from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.step import advantages_for, train_on
 
 pytestmark = pytest.mark.integration
@@ -64,3 +64,28 @@ def test_skipping_idle_rows_gives_the_same_update(tiny_model_dir: Path) -> None:
     for name, with_skip in results[True][1].items():
         torch.testing.assert_close(with_skip, results[False][1][name], rtol=1e-5, atol=1e-7, msg=name)
     assert any(not torch.equal(initial[n], p) for n, p in results[True][1].items()), "weights did not move"
+
+
+def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_model_dir: Path) -> None:
+    groups = generate_groups(tiny_model_dir, 3, seed=7)
+    groups[1].rewards = {"a": [1.0] * 4, "b": [0.5] * 4}  # idle for the PPO term, not for KL / entropy
+    cfg = config(tiny_model_dir, skip=True)
+    cfg.trainer.kl_coef, cfg.trainer.entropy_coef, cfg.trainer.ppo_epochs = 0.5, 0.01, 2
+    engine = PolicyEngine(cfg)
+    reference = ReferencePolicy(tiny_model_dir, "float32", engine.device)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    rows = (batch.input_ids[:4], batch.attention_mask[:4], batch.response_mask[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(reference.token_logprobs(*rows)[0], engine.token_logprobs(*rows)[0])
+    advantages, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg, reference)
+
+    assert record["rows_trained"] == batch.size  # the KL and entropy terms reach the idle group too
+    assert record["entropy"] > 0
+    assert record["kl_ref"] > 0  # the second epoch runs on moved weights; the reference stayed put
+    with torch.no_grad():
+        moved = engine.token_logprobs(*rows)[0]
+        assert not torch.allclose(reference.token_logprobs(*rows)[0], moved)
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        train_on(engine, batch, advantages, cfg)

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.engine import response_logprobs
-from trainer.loss import token_logprobs_from_logits
+from trainer.loss import entropy_from_logits, token_logprobs_from_logits
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,15 @@ def _full(model, ids, attention):
 @pytest.mark.parametrize(("prompts", "answers"), [([9, 5, 12], [4, 7, 3]), ([1], [6]), ([20, 20], [1, 2])])
 def test_values_and_gradients_match_the_full_sequence_on_response_positions(model, prompts, answers) -> None:
     ids, attention, response = _batch(prompts, answers)
-    partial = response_logprobs(model, ids, attention, response)
-    assert partial.shape == response.shape
+    partial, entropy = response_logprobs(model, ids, attention, response, entropy=True)
+    assert partial.shape == entropy.shape == response.shape
     first = min(prompts) - 1
     assert torch.count_nonzero(partial[:, :first]) == 0  # nothing computed before the first target
 
     full = _full(model, ids, attention)
     assert torch.allclose(partial * response, full * response, atol=1e-6)
+    full_entropy = entropy_from_logits(model(input_ids=ids, attention_mask=attention).logits[:, :-1])
+    assert torch.allclose(entropy * response, full_entropy * response, atol=1e-5)
 
     advantages = torch.linspace(-1.0, 1.0, response.numel()).reshape(response.shape)
     model.zero_grad()
@@ -66,5 +68,6 @@ def test_values_and_gradients_match_the_full_sequence_on_response_positions(mode
 
 def test_a_batch_without_response_tokens_gives_zeros(model) -> None:
     ids, attention, response = _batch([6, 4], [2, 3])
-    result = response_logprobs(model, ids, attention, torch.zeros_like(response))
+    result, entropy = response_logprobs(model, ids, attention, torch.zeros_like(response))
+    assert entropy is None
     assert result.shape == response.shape and torch.count_nonzero(result) == 0
