@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_tools import CHART, DEPLOY, helm, helm_env, run, venv_tool
+from deploy_tools import CHART, DEPLOY, helm, helm_env, promtool, run, venv_tool
 
 from proto.config import load_config
 
@@ -167,6 +167,18 @@ def test_example_values_use_external_redis_and_a_service_monitor(tmp_path: Path)
         "rel-gd2po-reward-has-tool-call",
     }
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_example_values_ship_the_prometheus_rules_as_a_prometheus_rule(tmp_path: Path) -> None:
+    (rule,) = by_kind(render(tmp_path, *VALUE_SETS["example"]), "PrometheusRule").values()
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "gd2po.rules.yml").read_text())
+    assert rule["spec"]["groups"] == shipped["groups"]  # Prometheus {{ $value }} templates left alone
+    rendered = tmp_path / "rendered.rules.yml"
+    rendered.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = run([promtool(), "check", "rules", str(rendered)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not by_kind(render(tmp_path), "PrometheusRule")  # off by default: needs the operator's CRDs
 
 
 def test_network_policies_allow_only_the_needed_flows(tmp_path: Path) -> None:
