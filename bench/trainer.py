@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import load, machine, utc_now, versions, write_section
+from gd2po.models import save_random_llama
 from gd2po.redis_server import RedisProcess
 from gd2po.runlog import read_steps
 from proto import Completion, ScoredGroup, encode
@@ -71,30 +72,6 @@ def parse_args() -> argparse.Namespace:
         args.prompts, args.group_size, args.prompt_tokens, args.response_tokens = 2, 2, 32, 16
         args.steps, args.micro_batch = 2, 2
     return args
-
-
-def build_model(target: Path) -> int:
-    """A random ~10M-parameter Llama (vLLM-compatible head_dim 64), saved as safetensors."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=3 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HIDDEN // 64,
-        num_key_value_heads=HIDDEN // 64,
-        head_dim=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(target, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
 
 
 def synthetic_group(index: int, args: argparse.Namespace, rng: torch.Generator) -> ScoredGroup:
@@ -194,7 +171,14 @@ def main() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         work = Path(tmp)
-        params = build_model(work / "model")
+        params = save_random_llama(
+            work / "model",
+            vocab_size=VOCAB,
+            hidden=HIDDEN,
+            layers=LAYERS,
+            kv_heads=HIDDEN // 64,
+            intermediate=3 * HIDDEN,
+        )
         header = [
             f"machine: {machine()}, torch threads {torch.get_num_threads()}",
             f"versions: {versions('torch', 'deepspeed', 'transformers')}",

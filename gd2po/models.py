@@ -54,29 +54,58 @@ def prepare_smollm2(target: Path = DEFAULT_MODEL_DIR, dtype: str = "float32") ->
     return target
 
 
-def build_tiny_model(target: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2) -> Path:
-    """A random Llama small enough for fast tests but shaped for vLLM-CPU (head_dim 64)."""
+def save_random_llama(
+    target: Path,
+    *,
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    kv_heads: int,
+    intermediate: int,
+    token_ids: tuple[int | None, int | None, int | None] = (1, 2, 0),
+    seed: int = 0,
+) -> int:
+    """A random tied-embedding Llama with vLLM-CPU's head_dim 64, saved as safetensors; its parameter
+    count. ``token_ids`` = (bos, eos, pad)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    bos, eos, pad = token_ids
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=kv_heads,
         head_dim=64,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    target = Path(target)
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(Path(target), safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_tiny_model(target: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2) -> Path:
+    """A random Llama small enough for fast tests, with the tokenizer (and chat template) of ``tokenizer_dir``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    save_random_llama(
+        target,
+        vocab_size=len(tokenizer),
+        hidden=128,
+        layers=layers,
+        kv_heads=1,
+        intermediate=256,
+        token_ids=special,
+        seed=seed,
+    )
     tokenizer.save_pretrained(target)
-    return target
+    return Path(target)
