@@ -153,6 +153,9 @@ class TrainerConfig(_Section):
     max_staleness: int = Field(default=2, ge=0)
     total_steps: int = Field(default=10, ge=1)
     publish_every: int = Field(default=1, ge=1)
+    # Write + digest + announce the weights on a thread while the next step trains (the snapshot copy
+    # stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work.
+    background_publish: bool = False
     save_every: int = Field(default=5, ge=1)
     keep_last: int = Field(default=3, ge=1)
     gradient_checkpointing: bool = False

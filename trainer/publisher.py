@@ -4,7 +4,8 @@ announced as ``{version, path, digest}`` on the policy key and the events channe
 
 The weights are written straight from the parameters with ``safetensors.save_file`` (no state-dict copy,
 none of ``save_pretrained``'s sharding and conversion passes): publishing is on the critical path of every
-step, and this halves it on the demo model (bench/RESULTS.md)."""
+step, and this halves it on the demo model (bench/RESULTS.md). ``BackgroundPublisher`` takes the write off
+that path entirely (``trainer.background_publish``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -34,10 +36,13 @@ TOKENIZER_FILES = (
 )
 
 
-def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    module: torch.nn.Module, zero_stage: int, *, snapshot: bool = False
+) -> dict[str, torch.Tensor]:
     """Every tensor in full on this rank, on CPU, each storage once (tied weights keep their first name,
-    as ``save_pretrained`` does). Below ZeRO-3 CPU parameters are returned as they are, not copied: the
-    caller writes them before the next optimizer step; ZeRO-3 partitions are gathered and copied."""
+    as ``save_pretrained`` does). Below ZeRO-3, CPU parameters are returned as they are unless
+    ``snapshot`` asks for a copy the optimizer cannot change (a background writer needs one); ZeRO-3
+    partitions are gathered and always copied."""
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
@@ -51,7 +56,7 @@ def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch
             if key in seen:
                 continue
             seen.add(key)
-            state[name] = tensor.detach().to("cpu", copy=zero_stage == 3).contiguous()
+            state[name] = tensor.detach().to("cpu", copy=snapshot or zero_stage == 3).contiguous()
     return state
 
 
@@ -78,6 +83,14 @@ class WeightPublisher:
             raise
         return final
 
+    def publish(
+        self, module: torch.nn.Module, state: dict[str, torch.Tensor], version: int, step: int
+    ) -> None:
+        self.announce(self.write(module, state, step), version, step)
+
+    def close(self) -> None:
+        """Nothing in flight: publishing is synchronous."""
+
     def announce(self, folder: Path, version: int, step: int) -> PolicyAnnouncement:
         announcement = PolicyAnnouncement(
             version=version,
@@ -101,3 +114,34 @@ class WeightPublisher:
         for old in folders[: -self.keep_last]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+class BackgroundPublisher:
+    """Writes, digests and announces on one worker thread while the next step trains.
+
+    Meant for GPU trainers, where the write of a multi-GB folder would otherwise stall the devices:
+    the caller hands over a snapshot (``full_state_dict(..., snapshot=True)``), at most one publish is in
+    flight (the next waits for it, so versions are announced in order and one snapshot is held), a
+    failed publish is raised at the next call instead of lost, and ``close`` waits for the last one."""
+
+    def __init__(self, publisher: WeightPublisher):
+        self.publisher = publisher
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-publisher")
+        self._pending: Future | None = None
+
+    def publish(
+        self, module: torch.nn.Module, state: dict[str, torch.Tensor], version: int, step: int
+    ) -> None:
+        self._wait()
+        self._pending = self._worker.submit(self.publisher.publish, module, state, version, step)
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._worker.shutdown()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()

@@ -28,7 +28,7 @@ from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, TrainerMetrics
 from trainer.progress import StepProgress
-from trainer.publisher import WeightPublisher, full_state_dict
+from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
 from trainer.step import advantages_for, group_keep_ratios, train_on
 
 log = logging.getLogger("trainer")
@@ -86,6 +86,8 @@ class Trainer:
         publisher = WeightPublisher(
             client, self.keys, self.run_dir / "weights", self.config.model.path, self.config.trainer.keep_last
         )
+        if self.config.trainer.background_publish and rank == 0:
+            publisher = BackgroundPublisher(publisher)
         state = checkpoint.TrainerState()
         if self.resume:
             state = checkpoint.load_latest(engine, self.run_dir / "checkpoints") or state
@@ -118,6 +120,7 @@ class Trainer:
                 if state.step % self.config.trainer.save_every == 0 or state.step == self.total_steps:
                     self._checkpoint_and_commit(engine, consumer, state, uncommitted)
         finally:
+            publisher.close()  # the last version is announced before the trainer reports done
             if progress:
                 progress.close()
         return state
@@ -146,7 +149,7 @@ class Trainer:
         self,
         engine: PolicyEngine,
         consumer: GroupConsumer | None,
-        publisher: WeightPublisher,
+        publisher: WeightPublisher | BackgroundPublisher,
         state: checkpoint.TrainerState,
         counts: Counts,
         uncommitted: Pulled,
@@ -182,11 +185,10 @@ class Trainer:
 
         tick = time.perf_counter()
         if state.step % trainer.publish_every == 0:
-            weights = full_state_dict(engine.module, engine.zero_stage)
+            weights = full_state_dict(engine.module, engine.zero_stage, snapshot=trainer.background_publish)
             if dist.get_rank() == 0:
-                folder = publisher.write(engine.module, weights, state.step)
                 state.policy_version += 1
-                publisher.announce(folder, state.policy_version, state.step)
+                publisher.publish(engine.module, weights, state.policy_version, state.step)
             state.policy_version = _broadcast(state.policy_version)
         publish = time.perf_counter() - tick
 

@@ -5,10 +5,12 @@ planted conflicts exactly as compute_advantages computes them."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,7 @@ from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.weights import weights_digest
 from trainer.algorithms import compute_advantages
+from trainer.publisher import BackgroundPublisher, WeightPublisher
 from trainer.service import Trainer
 
 pytestmark = pytest.mark.integration
@@ -142,3 +145,44 @@ def test_real_steps_publish_weights_that_reproduce_the_trainer(
     assert gauge(scrape, "gd2po_trainer_policy_version") == 2
     check = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_background_publishing_announces_every_version_from_a_snapshot(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow writer (as on a multi-GB model): training goes on meanwhile, yet every folder holds the
+    weights of its own step and the last version is announced before run() returns."""
+    handed_over: list[dict[str, torch.Tensor]] = []
+    hand_over, write = BackgroundPublisher.publish, WeightPublisher.publish
+
+    def recording_hand_over(self, module, state, version, step):
+        handed_over.append({name: tensor.clone() for name, tensor in state.items()})
+        hand_over(self, module, state, version, step)
+
+    def slow_write(self, *args):
+        time.sleep(1.0)
+        write(self, *args)
+
+    monkeypatch.setattr(BackgroundPublisher, "publish", recording_hand_over)
+    monkeypatch.setattr(WeightPublisher, "publish", slow_write)
+    push(redis_url, generate_groups(tiny_model_dir, 6, seed=5))
+    trainer = Trainer(
+        experiment(tmp_path, tiny_model_dir, redis_url, 2, total_steps=3, background_publish=True)
+    )
+    client = redis.Redis.from_url(redis_url)
+    events = client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(RedisKeys().events)
+    events.get_message(timeout=1.0)
+
+    state = trainer.run()
+
+    assert decode(client.get(RedisKeys().policy), PolicyAnnouncement).version == state.policy_version == 3
+    announced = []
+    while (message := events.get_message(timeout=0.5)) is not None:
+        announced.append(decode(message["data"], PolicyAnnouncement))
+    assert [a.version for a in announced] == [1, 2, 3]
+    for announcement, expected in zip(announced, handed_over, strict=True):
+        assert weights_digest(announcement.path) == announcement.digest
+        written = load_file(str(Path(announcement.path) / "model.safetensors"))
+        assert all(torch.equal(written[name], expected[name]) for name in expected), announcement.version
+    assert all(any(not torch.equal(a[k], b[k]) for k in a) for a, b in itertools.pairwise(handed_over))
