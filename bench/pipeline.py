@@ -18,7 +18,9 @@ Method, and why:
   time per batch from the rollout's ``gd2po_rollout_generation_seconds`` histogram, scraped during the run
   with the first batch excluded. This measures exactly each side's per-step work without two extra stack
   start-ups. Bound = max(generation, training).
-* Unpinned (both sides share every core), orchestration overhead = wall / (generation + training) - 1,
+* Unpinned (``--no-auto-pin``: no taskset, the OS places every thread on any core; in the asynchronous
+  run ``gd2po up`` still sizes each side's thread pool to half the cores, as it does by default),
+  orchestration overhead = wall / (generation + training) - 1,
   with generation and training measured the same way in the unpinned synchronous run: what remains is
   what only a disaggregated design pays — weight publish (trainer) and reload (rollout), reward scoring,
   Redis hops and polling. Publish and reload are shown per step so the overhead can be attributed.

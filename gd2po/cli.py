@@ -25,7 +25,9 @@ def up(
         help="Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward).",
     ),
     auto_pin: bool = typer.Option(
-        True, help="Without --pin, split the cores between rollout and trainer in asynchronous runs."
+        True,
+        help="Without --pin, pin rollout and trainer to separate halves of the cores in asynchronous runs "
+        "(--no-auto-pin: no taskset, thread pools still sized to the halves).",
     ),
 ) -> None:
     """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""

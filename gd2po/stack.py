@@ -39,15 +39,27 @@ def _count_cpus(cpu_list: str) -> int:
 
 
 def split_cores(cpus: list[int], synchronous: bool) -> dict[str, str]:
-    """Default pinning for an asynchronous run: the rollout (with the reward services) on the first half
-    of the cores, the trainer on the other half. Both sides compute at once, and letting each use every
-    core oversubscribes them (measured on 2 cores: 5× slower steps than either pinned or synchronous).
-    A synchronous run alternates the two sides, so each keeps every core."""
+    """The cores of an asynchronous run, split: the rollout (with the reward services) on the first half,
+    the trainer on the other half. Both sides compute at once, and thread pools that each size themselves
+    to every core oversubscribe them (measured on 2 cores: 6× slower steps). A synchronous run
+    alternates the two sides, so each keeps every core."""
     if synchronous or len(cpus) < 2:
         return {}
     half = len(cpus) // 2
     rollout, trainer = ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
     return {"rollout": rollout, "reward": rollout, "trainer": trainer}
+
+
+def placement(
+    cpus: list[int], synchronous: bool, pin: dict[str, str], auto_pin: bool
+) -> tuple[dict[str, str], dict[str, int]]:
+    """(taskset CPU list, thread-pool size) per role. Explicit ``pin`` wins; otherwise an asynchronous run
+    is pinned to :func:`split_cores` (``auto_pin``) or, unpinned, still gets thread pools sized to that
+    split, so the OS may move the threads but the two sides never ask for more threads than cores."""
+    split = split_cores(cpus, synchronous)
+    affinity = dict(pin) if pin else (split if auto_pin else {})
+    threads = {role: _count_cpus(cpu_list) for role, cpu_list in (affinity or split).items()}
+    return affinity, threads
 
 
 class StackError(RuntimeError):
@@ -73,6 +85,7 @@ class Stack:
     rollout_url: str = ""
     trainer_url: str = ""
     pin: dict[str, str] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)
     lost: list[Service] = field(default_factory=list)
 
     @property
@@ -103,11 +116,11 @@ class Stack:
         replica_of: str | None = None,
     ) -> None:
         command = [sys.executable, "-m", module, "--config", str(self.config_path), *args]
-        cpus = self.pin.get(ROLES[module])
-        if cpus:
-            # taskset confines the process tree; OMP/torch threads sized to it avoid oversubscription.
-            command = ["taskset", "-c", cpus, *command]
-            env = {**env, "OMP_NUM_THREADS": str(_count_cpus(cpus))}
+        role = ROLES[module]
+        if cpus := self.pin.get(role):
+            command = ["taskset", "-c", cpus, *command]  # confines the whole process tree
+        if threads := self.threads.get(role):
+            env = {**env, "OMP_NUM_THREADS": str(threads)}  # torch and vLLM-CPU size their pools by it
         child = Child(
             name=name,
             command=command,
@@ -272,8 +285,8 @@ def run_stack(
 ) -> Path:
     """Run the stack until the trainer finishes; always stop every child. Returns the run folder.
 
-    Without an explicit ``pin``, ``auto_pin`` splits the cores between rollout and trainer
-    (:func:`split_cores`)."""
+    Without an explicit ``pin``, an asynchronous run splits the cores between rollout and trainer
+    (:func:`placement`): pinned with ``auto_pin``, else by thread-pool size only."""
     from gd2po.progress import follow_run
     from gd2po.report import write_report
 
@@ -281,9 +294,15 @@ def run_stack(
     config = load_config(config_path)
     repo_root = Path.cwd()
     run_dir = Path(run_dir or new_run_dir(config)).resolve()
-    if not pin and auto_pin:
-        pin = split_cores(sorted(os.sched_getaffinity(0)), config.synchronous)
-    stack = Stack(config_path=config_path, config=config, run_dir=run_dir, repo_root=repo_root, pin=pin or {})
+    affinity, threads = placement(sorted(os.sched_getaffinity(0)), config.synchronous, pin or {}, auto_pin)
+    stack = Stack(
+        config_path=config_path,
+        config=config,
+        run_dir=run_dir,
+        repo_root=repo_root,
+        pin=affinity,
+        threads=threads,
+    )
     with _sigterm_as_interrupt():
         try:
             stack.start()
