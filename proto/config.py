@@ -116,6 +116,8 @@ class RolloutConfig(_Section):
         default=64, ge=1, description="Pause generation above this many unconsumed groups."
     )
     kv_cache_gib: float = Field(default=1.0, gt=0)
+    # False compiles the model (CUDA graphs on GPUs, torch.compile on CPU): measured on the demo model on
+    # one CPU core, +11 % decode tokens/s for a 54 s start instead of 9 s. True keeps short runs short.
     enforce_eager: bool = True
     retry: RetryConfig = Field(default_factory=RetryConfig)
     max_batches: int | None = Field(default=None, ge=1, description="Stop after this many batches (tests).")
