@@ -61,6 +61,20 @@ def report(run_dir: Path = typer.Argument(..., exists=True, file_okay=False)) ->
         typer.echo(path)
 
 
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="Two or more run folders."),
+    out: Path = typer.Option(Path("runs/comparison"), file_okay=False, help="Where comparison.png/.txt go."),
+) -> None:
+    """Overlay runs (e.g. the GRPO, GDPO and GD²PO configs): per-reward means and filter ratios vs step."""
+    from gd2po.compare import write_comparison
+
+    if len(run_dirs) < 2:
+        raise typer.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
+    for path in write_comparison(run_dirs, out):
+        typer.echo(path)
+
+
 @eval_app.command("api-bank")
 def eval_api_bank(
     url: str = typer.Option(..., help="Base URL of an OpenAI-compatible server (rollout service or vLLM)."),

@@ -17,7 +17,7 @@ from gd2po.runlog import read_steps, reward_names
 RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
 
 
-def _series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
+def series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
     points = [(float(s["step"]), float(s[key])) for s in steps if key in s and "step" in s]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -25,7 +25,7 @@ def _series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_rewards(steps: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in reward_names(steps):
-        ax.plot(*_series(steps, f"reward_mean/{name}"), marker="o", label=name)
+        ax.plot(*series(steps, f"reward_mean/{name}"), marker="o", label=name)
     ax.set(xlabel="step", ylabel="mean reward", title="Per-reward mean")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -37,7 +37,7 @@ def plot_rewards(steps: list[dict], path: Path) -> None:
 def plot_ratios(steps: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in RATIOS:
-        ax.plot(*_series(steps, key), marker="o", label=key.replace("_", " "))
+        ax.plot(*series(steps, key), marker="o", label=key.replace("_", " "))
     ax.set(xlabel="step", ylabel="fraction of rollouts", ylim=(-0.02, 1.02), title="GD²PO conflict filter")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -53,7 +53,7 @@ def summary_table(steps: list[dict]) -> Table:
         table.add_column(column, justify="left" if column == "signal" else "right")
     keys = [f"reward_mean/{n}" for n in reward_names(steps)] + [*RATIOS, "loss"]
     for key in keys:
-        _, values = _series(steps, key)
+        _, values = series(steps, key)
         if values:
             table.add_row(key, f"{values[0]:.4f}", f"{values[-1]:.4f}", f"{sum(values) / len(values):.4f}")
     return table
