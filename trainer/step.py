@@ -82,11 +82,13 @@ def train_on(
     trainer = config.trainer
     if trainer.kl_coef and reference is None:
         raise ValueError("trainer.kl_coef > 0 needs a reference policy")
-    micro = engine.micro_batch_size
-    old_logprobs = (
-        _frozen_logprobs(engine, batch, micro) if trainer.recompute_old_logprobs else batch.old_logprobs
-    )
-    ref_logprobs = _frozen_logprobs(reference, batch, micro) if trainer.kl_coef else None
+    # The engine's shard in one forward: under ZeRO-3 every rank must run as many forwards as the others
+    # (each gathers parameters collectively), and shards may differ by a row. The reference is a plain
+    # module, so it goes a micro-batch at a time.
+    old_logprobs = batch.old_logprobs
+    if trainer.recompute_old_logprobs:
+        old_logprobs = _frozen_logprobs(engine, batch, max(batch.size, 1))
+    ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
     skip_idle = trainer.skip_idle_rows and not (trainer.kl_coef or trainer.entropy_coef)
     accumulation = engine.accumulation_steps
     totals: dict[str, float] = {}

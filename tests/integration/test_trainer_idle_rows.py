@@ -89,3 +89,19 @@ def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_mo
         assert not torch.allclose(reference.token_logprobs(*rows)[0], moved)
     with pytest.raises(ValueError, match="needs a reference policy"):
         train_on(engine, batch, advantages, cfg)
+
+
+def test_recomputed_old_logprobs_replace_the_behaviour_logprobs(tiny_model_dir: Path) -> None:
+    groups = generate_groups(tiny_model_dir, 2, seed=3)
+    cfg = config(tiny_model_dir, skip=False)
+    cfg.trainer.recompute_old_logprobs = True
+    engine = PolicyEngine(cfg)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    batch.old_logprobs = batch.old_logprobs - batch.response_mask  # behaviour log-probs off by one nat
+    advantages, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg)
+
+    # One update on the unchanged policy: π / π_old is exactly 1 only if π_old was recomputed.
+    assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert record["clip_fraction"] == 0.0
