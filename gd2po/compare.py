@@ -85,7 +85,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 def table(summary: dict[str, dict[str, tuple[float, float]]], labels: list[str]) -> Table:
     result = Table(title="Runs compared: last value (mean over steps)")
-    result.add_column("signal")
+    result.add_column("signal", no_wrap=True)
     for label in labels:
         result.add_column(label, justify="right")
     for signal, by_run in summary.items():
