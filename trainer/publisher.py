@@ -121,7 +121,7 @@ class BackgroundPublisher:
 
     Meant for GPU trainers, where the write of a multi-GB folder would otherwise stall the devices:
     the caller hands over a snapshot (``full_state_dict(..., snapshot=True)``), at most one publish is in
-    flight (the next waits for it, so versions are announced in order and one snapshot is held), a
+    flight (the next waits for it, so versions are announced in order and at most two snapshots exist), a
     failed publish is raised at the next call instead of lost, and ``close`` waits for the last one."""
 
     def __init__(self, publisher: WeightPublisher):
