@@ -185,8 +185,11 @@ class Trainer:
 
         tick = time.perf_counter()
         if state.step % trainer.publish_every == 0:
-            weights = full_state_dict(engine.module, engine.zero_stage, snapshot=trainer.background_publish)
-            if dist.get_rank() == 0:
+            writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
+            weights = full_state_dict(
+                engine.module, engine.zero_stage, snapshot=trainer.background_publish and writer
+            )
+            if writer:
                 state.policy_version += 1
                 publisher.publish(engine.module, weights, state.policy_version, state.step)
             state.policy_version = _broadcast(state.policy_version)
