@@ -27,12 +27,15 @@ REPO = Path(__file__).resolve().parents[2]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def test_two_ranks_train_every_group_once_and_stay_in_step(
-    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+@pytest.mark.parametrize("background_publish", [False, True])
+def test_two_ranks_train_every_group_once(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str, background_publish: bool
 ) -> None:
     groups = generate_groups(tiny_model_dir, 4, seed=11)
     push(redis_url, groups)
-    config = experiment(tmp_path, tiny_model_dir, redis_url, stage=2, save_every=1)
+    config = experiment(
+        tmp_path, tiny_model_dir, redis_url, stage=2, save_every=1, background_publish=background_publish
+    )
     config.trainer.metrics_port = 0
     config_file = tmp_path / "experiment.yaml"
     config_file.write_text(dump_config(config))
