@@ -24,6 +24,9 @@ def up(
         [],
         help="Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward).",
     ),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --run-dir (Redis data, newest checkpoint, prompt position)."
+    ),
     auto_pin: bool = typer.Option(
         True,
         help="Without --pin, pin rollout and trainer to separate halves of the cores in asynchronous runs "
@@ -42,7 +45,9 @@ def up(
             f"unknown role(s) {sorted(unknown)}; use {sorted(ROLES.values())}", param_hint="--pin"
         )
     try:
-        folder = run_stack(config, run_dir=run_dir, progress=progress, pin=pins, auto_pin=auto_pin)
+        folder = run_stack(
+            config, run_dir=run_dir, progress=progress, pin=pins, auto_pin=auto_pin, resume=resume
+        )
     except StackError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

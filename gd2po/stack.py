@@ -86,6 +86,7 @@ class Stack:
     trainer_url: str = ""
     pin: dict[str, str] = field(default_factory=dict)
     threads: dict[str, int] = field(default_factory=dict)
+    resume: bool = False
     lost: list[Service] = field(default_factory=list)
 
     @property
@@ -141,7 +142,7 @@ class Stack:
         self._spawn(
             "trainer",
             "trainer",
-            [],
+            ["--resume"] if self.resume else [],
             {**shared, "GD2PO_TRAINER__METRICS_PORT": str(trainer_port), "GD2PO_TRAINER__HOST": "127.0.0.1"},
             f"{self.trainer_url}/readyz",
         )
@@ -149,7 +150,12 @@ class Stack:
             "rollout",
             "rollout_service",
             [],
-            {**shared, "GD2PO_ROLLOUT__PORT": str(rollout_port), "GD2PO_ROLLOUT__HOST": "127.0.0.1"},
+            {
+                **shared,
+                "GD2PO_ROLLOUT__PORT": str(rollout_port),
+                "GD2PO_ROLLOUT__HOST": "127.0.0.1",
+                "GD2PO_ROLLOUT__PRODUCER_ID": "rollout-0",  # a resumed run continues its prompt order
+            },
             f"{self.rollout_url}/readyz",
         )
         self._write_manifest()
@@ -176,7 +182,8 @@ class Stack:
         if external:
             self.redis_url = external
             return
-        self.redis = RedisProcess(self.run_dir / "redis").start()
+        # Append-only file in the run folder: streams, ledger and policy key survive for `--resume`.
+        self.redis = RedisProcess(self.run_dir / "redis", appendonly=True).start()
         self.redis_url = self.redis.url
 
     def _start_rewards(self) -> list[dict]:
@@ -282,17 +289,21 @@ def run_stack(
     progress: bool = True,
     pin: dict[str, str] | None = None,
     auto_pin: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Run the stack until the trainer finishes; always stop every child. Returns the run folder.
 
     Without an explicit ``pin``, an asynchronous run splits the cores between rollout and trainer
-    (:func:`placement`): pinned with ``auto_pin``, else by thread-pool size only."""
+    (:func:`placement`): pinned with ``auto_pin``, else by thread-pool size only. ``resume`` continues the
+    run in ``run_dir`` (its Redis data, newest checkpoint and prompt position) up to trainer.total_steps."""
     from gd2po.progress import follow_run
     from gd2po.report import write_report
 
     config_path = Path(config_path).resolve()
     config = load_config(config_path)
     repo_root = Path.cwd()
+    if resume and (run_dir is None or not (Path(run_dir) / "config.yaml").is_file()):
+        raise StackError(f"--resume needs the --run-dir of an earlier run; {run_dir} has no config.yaml")
     run_dir = Path(run_dir or new_run_dir(config)).resolve()
     affinity, threads = placement(sorted(os.sched_getaffinity(0)), config.synchronous, pin or {}, auto_pin)
     stack = Stack(
@@ -302,6 +313,7 @@ def run_stack(
         repo_root=repo_root,
         pin=affinity,
         threads=threads,
+        resume=resume,
     )
     with _sigterm_as_interrupt():
         try:

@@ -120,6 +120,12 @@ class RolloutConfig(_Section):
     # one CPU core, +11 % decode tokens/s for a 54 s start instead of 9 s. True keeps short runs short.
     enforce_eager: bool = True
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    producer_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Stable name of this rollout: a restart under the same name continues its prompt order "
+        "(saved in Redis). Default: a new random name per process.",
+    )
     max_batches: int | None = Field(default=None, ge=1, description="Stop after this many batches (tests).")
 
 

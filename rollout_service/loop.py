@@ -40,7 +40,9 @@ class RolloutLoop:
     ):
         self.config, self.engine, self.prompts, self.rewards = config, engine, prompts, rewards
         self.producer, self.policy, self.metrics = producer, policy, metrics
-        self.producer_id = producer_id or f"rollout-{uuid.uuid4().hex[:8]}"
+        # Group ids must be unique across restarts of a rollout that keeps its name (and prompt position).
+        self.session = uuid.uuid4().hex[:8]
+        self.producer_id = producer_id or f"rollout-{self.session}"
         self.batches = 0
         self.last_version = 0
         self.stopping = asyncio.Event()
@@ -123,7 +125,7 @@ class RolloutLoop:
         version: int,
         started: float,
     ) -> None:
-        group_ids = [f"{self.producer_id}-{self.batches}-{i}" for i in range(len(records))]
+        group_ids = [f"{self.producer_id}-{self.session}-{self.batches}-{i}" for i in range(len(records))]
         scored, dead = [], []
         outcomes = await asyncio.gather(
             *(self._score_group(r, g) for r, g in zip(records, completions, strict=True)),

@@ -73,6 +73,7 @@ class RolloutService:
             Producer(client, self.keys),
             self.policy,
             self.metrics,
+            producer_id=config.rollout.producer_id,
         )
         saved = client.hget(self.keys.prompt_position, self.loop.producer_id)
         if saved:
