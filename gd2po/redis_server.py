@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from gd2po.ports import free_port
 
 
 def find_redis_binary() -> Path:

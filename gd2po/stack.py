@@ -20,8 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from gd2po.ports import free_port
 from gd2po.processes import Child
-from gd2po.redis_server import RedisProcess, free_port
+from gd2po.redis_server import RedisProcess
 from proto.config import ExperimentConfig, dump_config, load_config
 
 READY_TIMEOUT_S = 600.0

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from gd2po.models import DEFAULT_MODEL_DIR, build_tiny_model, prepare_smollm2
-from gd2po.redis_server import RedisProcess, free_port
+from gd2po.ports import free_port
+from gd2po.redis_server import RedisProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

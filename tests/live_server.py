@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 
-from gd2po.redis_server import free_port
+from gd2po.ports import free_port
 
 
 @contextlib.contextmanager

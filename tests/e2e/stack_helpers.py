@@ -117,3 +117,12 @@ def allowed_cpus(pid: int) -> str:
     return next(
         line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list")
     )
+
+
+def settled_cpus(pid: int, expected: str, timeout: float = 15.0) -> str:
+    """The process's CPU list once it equals ``expected`` (or the last one read at the timeout): a child
+    is listed as soon as it is spawned, a moment before `taskset` has applied the mask and exec'd."""
+    deadline = time.monotonic() + timeout
+    while (current := allowed_cpus(pid)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return current

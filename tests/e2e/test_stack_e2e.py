@@ -18,6 +18,7 @@ from stack_helpers import (
     allowed_cpus,
     processes_in_session,
     scrape_all,
+    settled_cpus,
     start_gd2po_up,
     steps_logged,
     tiny_stack_config,
@@ -83,7 +84,7 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     for service in manifest["services"]:
         role = "trainer" if service["name"] == "trainer" else "rollout"
         expected = split.get(role) or allowed_cpus(os.getpid())
-        assert allowed_cpus(service["pid"]) == expected, service["name"]
+        assert settled_cpus(service["pid"], expected) == expected, service["name"]
     scrapes = run_until_done(process, run_dir, manifest)
     output = process.communicate()[0]
     assert process.returncode == 0, output
@@ -140,8 +141,9 @@ def test_losing_a_reward_replica_mid_run_costs_retries_not_scores(
     pins = ("--pin", "rollout=0", "--pin", "reward=0", "--pin", "trainer=1")
     process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url}, pins)
     manifest = wait_for_manifest(run_dir, process)
-    pinned = {s["name"]: allowed_cpus(s["pid"]) for s in manifest["services"]}
-    assert pinned == {s["name"]: "1" if s["name"] == "trainer" else "0" for s in manifest["services"]}
+    expected = {s["name"]: "1" if s["name"] == "trainer" else "0" for s in manifest["services"]}
+    pinned = {s["name"]: settled_cpus(s["pid"], expected[s["name"]]) for s in manifest["services"]}
+    assert pinned == expected
     victim = next(s for s in manifest["services"] if s["name"] == "reward-correctness-0")
     killed = []
 

@@ -14,7 +14,7 @@ import pytest
 from live_server import serve
 from prometheus_client.parser import text_string_to_metric_families
 
-from gd2po.redis_server import free_port
+from gd2po.ports import free_port
 from proto import ScoreResponse
 from reward_service.app import create_app
 from reward_service.scorers import build_scorer
