@@ -23,7 +23,7 @@ import httpx
 from gd2po.ports import free_port
 from gd2po.processes import Child
 from gd2po.redis_server import RedisProcess
-from proto.config import ExperimentConfig, dump_config, load_config
+from proto.config import ExperimentConfig, dump_config, load_config, mask_url
 
 READY_TIMEOUT_S = 600.0
 log = logging.getLogger("gd2po.stack")
@@ -165,7 +165,7 @@ class Stack:
     def _write_manifest(self) -> None:
         """services.json: where every child listens and its pid, for operators and tests."""
         manifest = {
-            "redis_url": self.redis_url,
+            "redis_url": mask_url(self.redis_url),  # an external Redis URL may carry its password
             "services": [
                 {
                     "name": s.child.name,

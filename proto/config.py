@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -25,6 +26,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "GD2PO_"
+# Keys that hold secrets: read from the environment only, so they never sit in a YAML file or image.
+SECRET_KEYS = ("auth.token", "redis.password")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -40,6 +43,12 @@ class RunConfig(_Section):
     name: str = "gd2po-run"
     output_dir: Path = Path("runs")
     seed: int = 0
+    startup_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a service waits at start for Redis and the reward services (they may still "
+        "be starting) before it exits with one line naming what it could not reach.",
+    )
 
 
 class RedisConfig(_Section):
@@ -127,6 +136,11 @@ class RolloutConfig(_Section):
         "(saved in Redis). Default: a new random name per process.",
     )
     max_batches: int | None = Field(default=None, ge=1, description="Stop after this many batches (tests).")
+    weights_root: Path | None = Field(
+        default=None,
+        description="The only folder POST /v1/weights/reload may load from (default: the run's weights/, "
+        "where the trainer publishes).",
+    )
 
 
 class TrainerConfig(_Section):
@@ -279,6 +293,31 @@ def read_config_mapping(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
     return _merge(read_config_mapping(path.parent / base, (*_chain, path.resolve())), loaded)
 
 
+def env_var(key: str) -> str:
+    """The environment variable that sets a dotted config key (``redis.url`` → ``GD2PO_REDIS__URL``)."""
+    return ENV_PREFIX + key.replace(".", "__").upper()
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for files and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _refuse_secrets(mapping: dict[str, Any], source: Path) -> None:
+    for key in SECRET_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(mapping.get(section), dict) and mapping[section].get(name) is not None:
+            raise ConfigError(
+                f"{source}: {key} is a secret and is read only from the environment; remove it from the "
+                f"file and set {env_var(key)} instead"
+            )
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -294,6 +333,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
     data: dict[str, Any] = {}
     if path is not None:
         data.update(read_config_mapping(path))
+        _refuse_secrets(data, Path(path))
     data.update(overrides)
     try:
         return ExperimentConfig(**data)
@@ -303,5 +343,15 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
 
 
 def dump_config(config: ExperimentConfig) -> str:
-    """YAML of the effective configuration with secrets masked (for the run folder)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML of the effective configuration without its secrets (for the run folder): the secret keys are
+    left out (the file stays loadable; the environment supplies them) and a password written inside
+    ``redis.url`` or a reward URL is masked."""
+    data = config.model_dump(mode="json")
+    for key in SECRET_KEYS:
+        section, _, name = key.partition(".")
+        data[section].pop(name)
+    data["redis"]["url"] = mask_url(data["redis"]["url"])
+    for reward in data["rewards"]:
+        url = reward["url"]
+        reward["url"] = mask_url(url) if isinstance(url, str) else [mask_url(u) for u in url]
+    return yaml.safe_dump(data, sort_keys=False)

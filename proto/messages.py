@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ID_LENGTH = 256
+#: Largest policy version or step: they travel as msgpack integers, which stop at 64 bits.
+INT64_MAX = 2**63 - 1
 _DIGEST = re.compile(r"^blake3:[0-9a-f]{64}$")
 
 
@@ -156,7 +158,7 @@ class ScoredGroup(_WireModel):
     rewards: dict[str, list[float]] = Field(
         min_length=1, description="Reward name → G finite scores, in completion order."
     )
-    policy_version: int = Field(ge=0)
+    policy_version: int = Field(ge=0, le=INT64_MAX)
     created_at: float = Field(description="Unix time generation started.")
     scored_at: float = Field(description="Unix time the last reward arrived.")
     producer_id: str = ""
@@ -184,7 +186,7 @@ class DeadLetter(_WireModel):
     prompt_id: str
     reason: str = Field(min_length=1)
     failed_rewards: list[str] = Field(min_length=1)
-    policy_version: int = Field(ge=0)
+    policy_version: int = Field(ge=0, le=INT64_MAX)
     producer_id: str = ""
     created_at: float
     completions: list[Completion] = Field(default_factory=list)
@@ -194,12 +196,12 @@ class DeadLetter(_WireModel):
 class PolicyAnnouncement(_WireModel):
     """Where the weights of a policy version live; rollout services reload from it."""
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=INT64_MAX)
     path: str = Field(min_length=1, description="Directory with safetensors + config + tokenizer.")
     digest: str = Field(
         description="``blake3:`` + 64 hex: digest of the folder's weight files (see proto.weights)."
     )
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=INT64_MAX)
     created_at: float
 
     @field_validator("digest")

@@ -8,6 +8,7 @@ section names the scorer and its options.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -39,12 +40,17 @@ def main(
     port: int = typer.Option(8101),
 ) -> None:
     """Serve one reward: POST /v1/score, GET /v1/info, /v1/openrlhf, /healthz, /readyz, /metrics."""
-    from proto.config import load_config
+    from proto.config import ConfigError, load_config
     from reward_service.app import create_app
     from reward_service.scorers import build_scorer
 
+    # Warnings and errors only: a judge's HTTP client logs every request at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = _parse_options(option)
-    experiment = load_config(config)  # without a file: defaults + GD2PO_* environment (auth token)
+    try:
+        experiment = load_config(config)  # without a file: defaults + GD2PO_* environment (auth token)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     token = experiment.auth.token.get_secret_value() if experiment.auth.token else None
     if config is not None:
         if reward is None:
@@ -62,13 +68,25 @@ def main(
         instance = build_scorer(scorer, options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scorer/--option") from exc
-    uvicorn.run(
-        create_app(instance, token=token, name=reward),
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
+    server: uvicorn.Server | None = None
+    failed = False
+
+    def stop() -> None:  # the scorer could not load: end the process with exit code 1
+        nonlocal failed
+        failed = server.should_exit = True
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(instance, token=token, name=reward, on_fatal=stop),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
     )
+    server.run()
+    if failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ routes. Failures stay per item (``status=error``, ``score=null``); oversize → 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, status
@@ -22,17 +24,17 @@ from proto import (
     ScoreResponse,
     ScoreResult,
 )
-from proto.ops import ErrorBody, add_ops_routes, bearer_auth
+from proto.ops import BODY_ERRORS, ErrorBody, add_ops_routes, bearer_auth, harden
 from reward_service.metrics import RewardMetrics
 from reward_service.scorers import Scorer
 from reward_service.scorers.base import InvalidLabel, ItemScore
 from reward_service.settings import ServiceSettings
-from reward_service.transport import FastJSONRoute, Gate
 
 _bearer = HTTPBearer(auto_error=False)
+log = logging.getLogger("reward_service")
 
 ERRORS = {
-    400: {"model": ErrorBody, "description": "body is not decodable (e.g. not UTF-8)"},
+    **BODY_ERRORS,
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
     413: {"model": ErrorBody, "description": "body or batch too large"},
     429: {"model": ErrorBody, "description": "too many concurrent requests"},
@@ -73,11 +75,14 @@ def create_app(
     *,
     token: str | None = None,
     name: str | None = None,
+    on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app; the scorer is loaded at startup and ``/readyz`` turns 200 once it is.
 
     ``name`` is the reward's name in the experiment (defaults to the scorer's own), used in
-    responses and metric labels so swapping a scorer keeps the reward's identity.
+    responses and metric labels so swapping a scorer keeps the reward's identity. A scorer that cannot
+    load (e.g. no checkpoint at its path) is logged in one line, ``/healthz`` answers 503 and
+    ``on_fatal`` is called (the CLI then exits non-zero).
     """
     settings = settings or ServiceSettings()
     token = token or (settings.token.get_secret_value() if settings.token else None)
@@ -86,25 +91,42 @@ def create_app(
         info = info.model_copy(update={"name": name})
     metrics = RewardMetrics(info.name)
     busy = _Busy(settings.max_concurrent_requests)
-    state = {"ready": False}
+    state = {"ready": False, "failed": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(scorer.load)
-        state["ready"] = True
+        try:
+            await run_in_threadpool(scorer.load)
+        except (OSError, ValueError) as exc:  # a missing or unusable dependency, not a bug
+            log.error("reward %r cannot start: %s", info.name, exc)
+            state["failed"] = True
+            if on_fatal is not None:
+                on_fatal()
+        else:
+            state["ready"] = True
         yield
         state["ready"] = False
 
     app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=lifespan)
-    app.router.route_class = FastJSONRoute
-    add_ops_routes(app, is_ready=lambda: state["ready"], registry=metrics.registry)
+    counted = {"/v1/score", "/v1/openrlhf", "/v1/info"}
+    harden(
+        app,
+        max_body=settings.max_body_bytes,
+        on_reject=metrics.rejected.labels(info.name, "body_too_large").inc,
+        on_answer=lambda path, code: (
+            metrics.requests.labels(info.name, path, str(code)).inc() if path in counted else None
+        ),
+    )
+    add_ops_routes(
+        app,
+        is_ready=lambda: state["ready"],
+        is_alive=lambda: not state["failed"],
+        registry=metrics.registry,
+    )
     check_token = bearer_auth(token)
 
     async def auth(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
         check_token(credentials)  # async, so FastAPI does not hop to a worker thread per request
-
-    counted = {"/v1/score", "/v1/openrlhf", "/v1/info"}
-    app.add_middleware(Gate, max_body=settings.max_body_bytes, metrics=metrics, counted=counted.__contains__)
 
     async def run(items: list[ScoreItem], route: str) -> tuple[list[ScoreResult], list[ItemScore]]:
         if not state["ready"]:
@@ -119,9 +141,10 @@ def create_app(
             metrics.inflight.labels(info.name).inc()
             started = time.perf_counter()
             try:
-                values = (
-                    await run_in_threadpool(scorer.score, items) if scorer.blocking else scorer.score(items)
-                )
+                # Always off the event loop, so /healthz and /readyz answer while a batch is scored: even
+                # a pure-Python scorer can spend seconds on one hostile batch (the GIL is released to
+                # the loop every switch interval).
+                values = await run_in_threadpool(scorer.score, items)
             finally:
                 metrics.inflight.labels(info.name).dec()
             metrics.latency.labels(info.name, route).observe(time.perf_counter() - started)

@@ -16,17 +16,24 @@ def main(
     config: Path = typer.Option(..., exists=True, dir_okay=False, help="Experiment YAML."),
     host: str | None = typer.Option(None, help="Bind address (default rollout.host)."),
     port: int | None = typer.Option(None, help="Port (default rollout.port)."),
-    serve_only: bool = typer.Option(False, help="Only serve the OpenAI API (no training rollouts)."),
+    serve_only: bool = typer.Option(
+        False,
+        help="Only serve the OpenAI API (no training rollouts). Needs no Redis; follows new policies "
+        "when Redis is reachable.",
+    ),
 ) -> None:
     """Generate G samples per prompt with vLLM, score them with every reward service, push to Redis."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from proto.config import load_config
+    from proto.config import ConfigError, load_config
     from rollout_service.service import RolloutService
 
-    experiment = load_config(config)
+    try:
+        experiment = load_config(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     server: uvicorn.Server | None = None
 
     def stop() -> None:

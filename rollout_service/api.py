@@ -1,6 +1,7 @@
 """HTTP API of the rollout service: ops routes, a protected manual weight reload, and OpenAI-compatible
 ``/v1/completions`` and ``/v1/chat/completions`` served by the training engine (for evaluation and
-standard clients)."""
+standard clients). With a token configured every ``/v1`` route demands it; bodies have the reward
+service's limits (:func:`proto.ops.harden`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from proto import ChatMessage
-from proto.ops import ErrorBody, add_ops_routes, require_token
+from proto.messages import INT64_MAX
+from proto.ops import (
+    BODY_ERRORS,
+    DEFAULT_MAX_BODY_BYTES,
+    ErrorBody,
+    add_ops_routes,
+    bearer_auth,
+    harden,
+    require_token,
+)
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.weights import PolicyFollower, WeightReloadError
@@ -49,11 +60,21 @@ class ChatRequest(_Request):
 
 
 class ReloadRequest(BaseModel):
-    path: str
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        description="A weights folder inside the rollout's weights root (rollout.weights_root)."
+    )
     digest: str | None = Field(
         default=None, description="Refuse the folder unless its digest (blake3:…) matches."
     )
-    version: int | None = Field(default=None, ge=0, description="Version tag for later groups (default: +1).")
+    # Bounded by int64: the version is written into every later ScoredGroup (msgpack integers).
+    version: int | None = Field(
+        default=None, ge=0, le=INT64_MAX, description="Version tag for later groups (default: +1)."
+    )
+    rollback: bool = Field(
+        default=False, description="Allow a version not newer than the current one (going back)."
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -73,11 +94,17 @@ def create_api(
     token: str | None,
     is_ready: Callable[[], bool],
     is_alive: Callable[[], bool],
+    weights_root: Path,
     lifespan=None,
+    max_body: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="gd2po rollout service", lifespan=lifespan)
+    harden(app, max_body=max_body)
     add_ops_routes(app, is_ready=is_ready, is_alive=is_alive, registry=metrics.registry)
     not_ready = {503: {"model": ErrorBody, "description": "engine still loading"}}
+    openai_errors = {**BODY_ERRORS, 401: {"model": ErrorBody}, **not_ready}
+    auth = [Depends(bearer_auth(token))]
+    root = Path(weights_root).resolve()
 
     def live_engine() -> Engine:
         current = engine()
@@ -85,10 +112,11 @@ def create_api(
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="engine still loading")
         return current
 
-    @app.post("/v1/completions", responses=not_ready, tags=["openai"])
+    @app.post("/v1/completions", responses=openai_errors, dependencies=auth, tags=["openai"])
     async def completions(request: CompletionRequest) -> dict:
         current = live_engine()
-        prompt_ids = current.prompt_ids(request.prompt)
+        # Tokenising a body of up to max_body bytes takes a while: not on the loop that answers /healthz.
+        prompt_ids = await asyncio.to_thread(current.prompt_ids, request.prompt)
         groups = await asyncio.to_thread(current.generate, [prompt_ids], request.sampling())
         choices = [
             {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
@@ -104,10 +132,10 @@ def create_api(
             "usage": _usage(len(prompt_ids), generated),
         }
 
-    @app.post("/v1/chat/completions", responses=not_ready, tags=["openai"])
+    @app.post("/v1/chat/completions", responses=openai_errors, dependencies=auth, tags=["openai"])
     async def chat_completions(request: ChatRequest) -> dict:
         current = live_engine()
-        prompt_ids = current.prompt_ids([m.model_dump() for m in request.messages])
+        prompt_ids = await asyncio.to_thread(current.prompt_ids, [m.model_dump() for m in request.messages])
         groups = await asyncio.to_thread(current.generate, [prompt_ids], request.sampling())
         choices = [
             {
@@ -127,8 +155,8 @@ def create_api(
             "usage": _usage(len(prompt_ids), generated),
         }
 
-    @app.get("/v1/models", tags=["openai"])
-    def models() -> dict[str, object]:
+    @app.get("/v1/models", responses={401: {"model": ErrorBody}}, dependencies=auth, tags=["openai"])
+    async def models() -> dict[str, object]:
         return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": "gd2po"}]}
 
     @app.post(
@@ -136,6 +164,7 @@ def create_api(
         response_model=ReloadResponse,
         dependencies=[Depends(require_token(token))],
         responses={
+            **BODY_ERRORS,
             401: {"model": ErrorBody},
             403: {"model": ErrorBody},
             409: {"model": ErrorBody, "description": "folder refused; old weights kept"},
@@ -148,6 +177,27 @@ def create_api(
         if follower is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="engine still loading")
         version = request.version if request.version is not None else follower.version + 1
+        problems = []
+        if version <= follower.version and not request.rollback:
+            problems.append(
+                (
+                    "version",
+                    f"version {version} is not newer than the current {follower.version}; "
+                    "set rollback: true to go back",
+                    request.version,
+                )
+            )
+        if version > INT64_MAX:
+            problems.append(("version", f"the next version would exceed {INT64_MAX}", None))
+        if not Path(request.path).resolve().is_relative_to(root):
+            problems.append(("path", f"{request.path} is outside the weights root {root}", request.path))
+        if problems:
+            raise RequestValidationError(
+                [
+                    {"type": "value_error", "loc": ("body", field), "msg": msg, "input": value}
+                    for field, msg, value in problems
+                ]
+            )
         try:
             await asyncio.to_thread(follower.load, Path(request.path), request.digest, version)
         except WeightReloadError as exc:

@@ -8,11 +8,20 @@ import contextlib
 import logging
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI
 
-from proto.config import ExperimentConfig
+from proto.config import ExperimentConfig, mask_url
 from proto.keys import RedisKeys
 from proto.redis_conn import connect
+from proto.startup import (
+    StartupError,
+    redis_reachable,
+    require_files,
+    require_model,
+    wait_for_redis,
+    wait_for_rewards,
+)
 from rollout_service.api import create_api
 from rollout_service.engine import Engine
 from rollout_service.loop import RolloutLoop
@@ -23,6 +32,7 @@ from rollout_service.rewards_client import RewardClient
 from rollout_service.weights import PolicyFollower
 
 log = logging.getLogger("rollout_service")
+FOLLOW_S = 1.0  # serve-only: how often to look for a newer policy
 
 
 class RolloutService:
@@ -44,13 +54,27 @@ class RolloutService:
             token=token,
             is_ready=lambda: self.ready and self.failure is None,
             is_alive=lambda: self.failure is None,
+            weights_root=config.rollout.weights_root or config.run.output_dir / "weights",
             lifespan=self._lifespan,
         )
 
     def _start(self) -> None:
-        """Blocking start-up (engine load); runs in a worker thread."""
+        """Blocking start-up (dependency checks, engine load); runs in a worker thread."""
         config = self.config
-        client = connect(config.redis)
+        require_model(config.model.path)
+        client: redis.Redis | None = None
+        if self.run_loop:
+            require_files(config.data.train_files)
+            wait_for_redis(config.redis, config.run.startup_timeout)
+            client = connect(config.redis)
+        elif redis_reachable(config.redis):
+            client = connect(config.redis)  # serve-only follows new policies when Redis is there
+        else:
+            log.warning(
+                "Redis at %s is not reachable: serving %s without following new policies",
+                mask_url(config.redis.url),
+                config.model.path,
+            )
         self.engine = Engine(
             config.model,
             seed=config.run.seed,
@@ -59,6 +83,10 @@ class RolloutService:
         )
         self.policy = PolicyFollower(self.engine, client, self.keys, self.metrics)
         self.policy.sync()  # a restarted rollout serves the current policy, not the initial weights
+        if not self.run_loop:
+            return
+        # After the engine load, which gives reward services started beside this one time to come up.
+        wait_for_rewards(config.rewards, config.run.startup_timeout)
         prompts = PromptSource(
             config.data.train_files,
             prompt_field=config.data.prompt_field,
@@ -96,10 +124,26 @@ class RolloutService:
             if self.run_loop:
                 await self.loop.run()
                 log.info("rollout loop finished after %d batches", self.loop.batches)
+            elif self.policy.client is not None:
+                await self._follow()
         except asyncio.CancelledError:
             raise
+        except StartupError as exc:
+            log.error("%s", exc)  # one line saying what to change; a traceback would bury it
+            self.failure = exc
+            if self.on_fatal is not None:
+                self.on_fatal()
         except Exception as exc:
             log.exception("rollout service failed")
             self.failure = exc
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    async def _follow(self) -> None:
+        """Serve-only: reload when the trainer announces a newer policy; a Redis outage only pauses this."""
+        while True:
+            try:
+                await asyncio.to_thread(self.policy.sync)
+            except redis.RedisError as exc:
+                log.warning("cannot read the current policy: %s", exc)
+            await asyncio.sleep(FOLLOW_S)

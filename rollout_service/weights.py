@@ -23,13 +23,17 @@ class WeightReloadError(RuntimeError):
 
 
 class PolicyFollower:
-    def __init__(self, engine: Engine, client: redis.Redis, keys: RedisKeys, metrics: RolloutMetrics):
+    """``client=None`` (a serve-only rollout without Redis): no announcements, manual reloads only."""
+
+    def __init__(self, engine: Engine, client: redis.Redis | None, keys: RedisKeys, metrics: RolloutMetrics):
         self.engine, self.client, self.keys, self.metrics = engine, client, keys, metrics
         self.version = 0
         self._refused: set[tuple[int, str]] = set()
         metrics.policy_version.set(0)
 
     def announced(self) -> PolicyAnnouncement | None:
+        if self.client is None:
+            return None
         raw = self.client.get(self.keys.policy)
         return None if raw is None else decode(raw, PolicyAnnouncement)
 

@@ -27,21 +27,25 @@ def main(
     """Consume ScoredGroups from Redis, train with GRPO/GDPO/GD²PO, publish weights, export metrics."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from proto.config import load_config
+    from proto.config import ConfigError, load_config
+    from proto.startup import StartupError
     from trainer.service import Trainer, UnsupportedOption
 
+    log = logging.getLogger("trainer")
     try:
         trainer = Trainer(load_config(config), resume=resume, max_steps=max_steps)
-    except UnsupportedOption as exc:
+    except (UnsupportedOption, ConfigError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     signal.signal(signal.SIGTERM, lambda *_: trainer.stopping.set())
     server = None
     if int(os.environ.get("RANK", "0")) == 0:
         server = trainer.serve_metrics()
-    state = trainer.run()
-    logging.getLogger("trainer").info(
-        "stopped at step %d (policy version %d)", state.step, state.policy_version
-    )
+    try:
+        state = trainer.run()
+    except StartupError as exc:
+        log.error("%s", exc)  # one line naming what is missing and the setting to change
+        raise typer.Exit(1) from None
+    log.info("stopped at step %d (policy version %d)", state.step, state.policy_version)
     if server is not None:
         server.should_exit = True
 

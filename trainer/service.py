@@ -20,8 +20,9 @@ from fastapi import FastAPI
 
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
-from proto.ops import add_ops_routes
+from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
+from proto.startup import require_model, wait_for_redis
 from trainer import checkpoint
 from trainer.batching import build_batch
 from trainer.consumer import Counts, GroupConsumer, Pulled
@@ -55,6 +56,7 @@ class Trainer:
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self) -> FastAPI:
         app = FastAPI(title="gd2po trainer")
+        harden(app)
         add_ops_routes(app, is_ready=lambda: self.ready, registry=self.metrics.registry)
         return app
 
@@ -72,7 +74,15 @@ class Trainer:
         return server
 
     # -- training -----------------------------------------------------------------------------
+    def check_dependencies(self) -> None:
+        """Model folder(s) and Redis, before minutes of model loading (raises StartupError)."""
+        require_model(self.config.model.path)
+        if self.config.trainer.kl_coef and self.config.trainer.reference_path is not None:
+            require_model(self.config.trainer.reference_path, key="trainer.reference_path")
+        wait_for_redis(self.config.redis, self.config.run.startup_timeout)
+
     def run(self) -> checkpoint.TrainerState:
+        self.check_dependencies()
         engine = self.engine = PolicyEngine(self.config)
         if self.config.trainer.kl_coef:
             self.reference = ReferencePolicy(

@@ -20,11 +20,10 @@ SCORERS: dict[str, Callable[..., Scorer]] = {}
 
 
 class Scorer(ABC):
-    """One reward dimension. ``score`` isolates failures per item: an exception is that item's result."""
+    """One reward dimension. ``score`` isolates failures per item: an exception is that item's result.
+    The service calls ``score`` in a worker thread, so it may block (models, network, CPU-heavy rules)."""
 
     version: ClassVar[str] = "1"
-    #: CPU/GPU-heavy scorers run in a worker thread so the event loop keeps serving.
-    blocking: ClassVar[bool] = False
 
     def load(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Heavy initialisation (models); the service is ready only after it returns."""

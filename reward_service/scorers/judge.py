@@ -47,8 +47,6 @@ def _prompt_text(prompt: str | list[ChatMessage]) -> str:
 
 @register_scorer("judge.openai")
 class OpenAIJudge(Scorer):
-    blocking = True
-
     def __init__(
         self,
         base_url: str,

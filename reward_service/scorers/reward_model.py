@@ -26,8 +26,6 @@ def conversation(item: ScoreItem) -> list[dict[str, str]]:
 
 @register_scorer("model.sequence_classifier")
 class SequenceClassifier(Scorer):
-    blocking = True
-
     def __init__(
         self,
         model_path: str,

@@ -140,10 +140,42 @@ def think_length(response: str) -> float:
     return min(1.0, round(len(thought.split()) / LENGTH_TARGET_WORDS, 2))
 
 
+#: Bounded work per item: correctness matches every expected call against every given one and the
+#: format rule's regex backtracks, both worse than linear. A completion or label longer than this, or
+#: with more lines from its first <tool_call> on, is that item's error (scorer options ``max_chars``,
+#: ``max_call_lines``); release-style completions are far below both.
+MAX_SCORED_CHARS = 16_384
+MAX_SCORED_CALL_LINES = 128
+
+
+class TooLargeToScore(ValueError):
+    """The item exceeds the size a tool-call reward scores (see MAX_SCORED_CHARS)."""
+
+
 class _ToolCallScorer(Scorer):
     reward: str
     bounds: tuple[float, float]
     description: str
+
+    def __init__(self, max_chars: int = MAX_SCORED_CHARS, max_call_lines: int = MAX_SCORED_CALL_LINES):
+        if max_chars < 1 or max_call_lines < 1:
+            raise ValueError("max_chars and max_call_lines must be positive")
+        self.max_chars, self.max_call_lines = max_chars, max_call_lines
+
+    def _bounded(self, item: ScoreItem) -> ScoreItem:
+        """The item, if its size is within the caps; else raise (that item's error)."""
+        for field, text in (("completion", item.completion), ("label", item.label or "")):
+            if len(text) > self.max_chars:
+                raise TooLargeToScore(
+                    f"{field}: {len(text)} characters exceed the {self.max_chars} this reward scores"
+                )
+            start = text.find("<tool_call>")
+            if start >= 0 and (lines := text.count("\n", start)) > self.max_call_lines:
+                raise TooLargeToScore(
+                    f"{field}: {lines} lines from <tool_call> on exceed the {self.max_call_lines} "
+                    "this reward scores"
+                )
+        return item
 
     def info(self) -> RewardInfo:
         return RewardInfo(
@@ -161,7 +193,7 @@ class ToolCallCorrectness(_ToolCallScorer):
         parsed: dict[str, list[dict[str, Any]] | None] = {}
 
         def one(item: ScoreItem) -> float:
-            label = _label(item)
+            label = _label(self._bounded(item))
             if label not in parsed:
                 parsed[label] = truth_calls(label)
             return correctness_against(item.completion.strip(), parsed[label])
@@ -175,7 +207,9 @@ class ToolCallFormat(_ToolCallScorer):
     description = "1 if the completion's think/tool_call/response layout matches the ground truth's."
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return per_item(items, lambda item: format_reward(item.completion.strip(), _label(item)))
+        return per_item(
+            items, lambda item: format_reward(self._bounded(item).completion.strip(), _label(item))
+        )
 
 
 @register_scorer("tool_call.length")
@@ -184,4 +218,4 @@ class ToolCallLength(_ToolCallScorer):
     description = "Words in the last <think> block / 512, capped at 1."
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return per_item(items, lambda item: think_length(item.completion.strip()))
+        return per_item(items, lambda item: think_length(self._bounded(item).completion.strip()))

@@ -163,8 +163,6 @@ def test_bearer_token_protects_scoring_not_health() -> None:
 class _SlowScorer(Scorer):
     """Holds each request until released, to fill the concurrency limit deterministically."""
 
-    blocking = True
-
     def __init__(self) -> None:
         self.release = threading.Event()
 
