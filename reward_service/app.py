@@ -25,6 +25,7 @@ from proto import (
     ScoreResult,
 )
 from proto.ops import BODY_ERRORS, ErrorBody, add_ops_routes, bearer_auth, harden
+from reward_service.chat_text import openrlhf_items
 from reward_service.metrics import RewardMetrics
 from reward_service.scorers import Scorer
 from reward_service.scorers.base import InvalidLabel, ItemScore
@@ -190,14 +191,11 @@ def create_app(
         tags=["reward"],
     )
     async def openrlhf(request: OpenRLHFRequest) -> OpenRLHFResponse:
-        """OpenRLHF remote-RM shape. ``query`` is prompt+response; a failed item fails the call (no fake 0):
-        422 naming the field if the item was unscorable as sent, else 503."""
-        prompts = request.prompts or [""] * len(request.query)
-        labels = request.labels or [None] * len(request.query)
-        items = [
-            ScoreItem(id=str(i), prompt=p, completion=q[len(p) :] if q.startswith(p) else q, label=label)
-            for i, (q, p, label) in enumerate(zip(request.query, prompts, labels, strict=True))
-        ]
+        """OpenRLHF remote-RM shape. ``query`` is prompt+response; only the response is scored (padding,
+        prompt and chat markers removed, :func:`reward_service.chat_text.openrlhf_response`), so it
+        scores as ``/v1/score`` scores the bare response. A failed item fails the call (no fake 0):
+        422 naming the field if the item was unscorable as sent (prompt not found, bad label), else 503."""
+        items = openrlhf_items(request)
         results, values = await run(items, "/v1/openrlhf")
         invalid = [
             {

@@ -1,5 +1,8 @@
-"""Tool-calling rewards of the GD²PO release (data/README.md §1.5): correctness in [−3, 3] with greedy
-partial credit, format 0/1 against the ground truth's block layout, think length / 512."""
+"""Tool-calling rewards of the GD²PO release (``tool-calling/verl/utils/reward_score/rlla.py``;
+paraphrased in data/README.md §1.5): correctness in [−3, 3] with greedy partial credit, format 0/1
+against the ground truth's block layout, think length / 512. Each scorer reads the completion as the
+release does: after the last assistant-turn marker, before the next end-of-turn marker, stripped
+(:func:`reward_service.chat_text.release_response`)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from proto import RewardInfo, ScoreItem
+from reward_service.chat_text import release_response
 from reward_service.scorers.base import InvalidLabel, ItemScore, Scorer, per_item, register_scorer
 
 CORRECT_MAX, CORRECT_MIN = 3.0, -3.0
@@ -42,26 +46,45 @@ def _label(item: ScoreItem) -> str:
     return item.label
 
 
-# What parse_tool_calls raises on text that is not a well-formed call block (nesting too deep for
-# the JSON parser included).
-_UNPARSABLE = (ValueError, KeyError, TypeError, RecursionError)
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
-def parse_tool_calls(text: str) -> list[dict[str, Any]]:
-    """Calls between the first <tool_call> and the next </tool_call>, one JSON object per line.
+class MalformedToolCall(ValueError):
+    """The text has no call block the release can read (see :func:`parse_tool_calls`)."""
 
-    Raises on anything the release scores as a failure: a missing block, a line that is not JSON,
-    a call without ``name`` or with non-dict ``parameters``.
+
+def _call_block(text: str) -> str:
+    """What follows the first ``<tool_call>``, up to the next ``<tool_call>`` or ``</tool_call>``,
+    whichever comes first (or the end of the text): the release cuts at both."""
+    start = text.find(CALL_OPEN)
+    if start < 0:
+        raise MalformedToolCall(f"no {CALL_OPEN}")
+    rest = text[start + len(CALL_OPEN) :]
+    ends = [index for index in (rest.find(CALL_OPEN), rest.find(CALL_CLOSE)) if index >= 0]
+    return rest[: min(ends)] if ends else rest
+
+
+def _json_lines(block: str) -> list[Any]:
+    """``json.loads`` of every line of the stripped block; a blank or non-JSON line raises."""
+    try:
+        return [json.loads(line) for line in block.strip().split("\n")]
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+        raise MalformedToolCall(f"a line of the call block is not JSON: {exc}") from exc
+
+
+def parse_tool_calls(text: str) -> list[Any]:
+    """The JSON values of a response's call block, one per line, **unvalidated** (list of any JSON).
+
+    The release's rule (``customize_correctness_reward_tool`` in ``tool-calling/verl/utils/
+    reward_score/rlla.py``): the response must contain ``<tool_call>`` and ``</tool_call>`` somewhere
+    (in any order); the block is the text after the first ``<tool_call>`` up to the next
+    ``<tool_call>`` or ``</tool_call>``; it is stripped, split on ``"\\n"`` and every line must parse
+    as JSON. What the values must look like is checked later, only where the scoring reads them
+    (:func:`correctness_against`). Raises :class:`MalformedToolCall`.
     """
-    start = text.index("<tool_call>") + len("<tool_call>")
-    end = text.index("</tool_call>", start)
-    calls = [json.loads(line) for line in text[start:end].strip().split("\n")]
-    for call in calls:
-        if not isinstance(call, dict) or not isinstance(call["name"], str):
-            raise ValueError("a call must be an object with a string 'name'")
-        if not isinstance(call["parameters"], dict):
-            raise ValueError("a call's 'parameters' must be an object")
-    return calls
+    if CALL_CLOSE not in text:
+        raise MalformedToolCall(f"no {CALL_CLOSE}")
+    return _json_lines(_call_block(text))
 
 
 def match(a: list[Any], b: list[Any]) -> float:
@@ -81,13 +104,29 @@ def _call_credit(truth: dict[str, Any], candidate: dict[str, Any]) -> float:
 
 
 def truth_calls(ground_truth: str) -> list[dict[str, Any]] | None:
-    """The ground truth's calls, or None when it expects no call (then correctness is 0)."""
-    if "<tool_call>" not in ground_truth:
+    """The ground truth's calls, or None when it has no ``<tool_call>`` (then correctness is 0).
+
+    The block is cut as in :func:`parse_tool_calls` but, as in the release, the closing tag is not
+    required. Unlike the release (which crashes the training step on an unparsable ground truth),
+    a label that is not a list of ``{"name": str, "parameters": object}`` lines raises
+    :class:`InvalidLabel` (HTTP 422 on the OpenRLHF route, an item error on ``/v1/score``).
+    """
+    if CALL_OPEN not in ground_truth:
         return None
     try:
-        return parse_tool_calls(ground_truth)
-    except _UNPARSABLE as exc:
+        calls = _json_lines(_call_block(ground_truth))
+    except MalformedToolCall as exc:
         raise InvalidLabel(f"the ground truth's <tool_call> block is malformed: {exc}") from exc
+    for call in calls:
+        if not (
+            isinstance(call, dict)
+            and isinstance(call.get("name"), str)
+            and isinstance(call.get("parameters"), dict)
+        ):
+            raise InvalidLabel(
+                'the ground truth\'s calls must be objects {"name": string, "parameters": object}'
+            )
+    return calls
 
 
 def correctness(response: str, ground_truth: str) -> float:
@@ -95,16 +134,43 @@ def correctness(response: str, ground_truth: str) -> float:
     return correctness_against(response, truth_calls(ground_truth))
 
 
+def _readable(predicted: list[Any], truth: list[dict[str, Any]]) -> bool:
+    """Whether the release's scoring reads ``predicted`` without raising (its catch-all gives −3).
+
+    It reads ``call["name"]`` of every call (an object with a ``name`` is needed), counts the names
+    when they differ from the ground truth's (they must be hashable: not arrays or objects), and reads
+    ``call["parameters"].keys()`` only of calls named like a ground-truth call (it needs an object
+    there). Other calls are never looked into further.
+    """
+    if not all(isinstance(call, dict) and "name" in call for call in predicted):
+        return False
+    names = [call["name"] for call in predicted]
+    truth_names = {call["name"] for call in truth}
+    if names != [call["name"] for call in truth] and any(isinstance(n, (list, dict)) for n in names):
+        return False
+    return all(
+        isinstance(call.get("parameters"), dict)
+        for call in predicted
+        if isinstance(call["name"], str) and call["name"] in truth_names
+    )
+
+
 def correctness_against(response: str, truth: list[dict[str, Any]] | None) -> float:
-    """:func:`correctness` with the ground truth already parsed by :func:`truth_calls`."""
+    """:func:`correctness` with the ground truth already parsed by :func:`truth_calls`; a float in
+    [−3, 3]. The release's ``customize_correctness_reward_tool`` + ``compute_tool_call_reward``:
+    −3 if the call block is unreadable (:func:`parse_tool_calls`), +3 if the calls equal the ground
+    truth's (whatever their shape), −3 if scoring them would raise in the release (:func:`_readable`),
+    else 6·S/M − 3 with greedy partial credit (data/README.md §1.5, step 5)."""
     if truth is None:
         return 0.0
     try:
         predicted = parse_tool_calls(response)
-    except _UNPARSABLE:
+    except MalformedToolCall:
         return CORRECT_MIN
     if truth == predicted:
         return CORRECT_MAX
+    if not _readable(predicted, truth):
+        return CORRECT_MIN
     score = match([t["name"] for t in truth], [p["name"] for p in predicted])
     maximum = 1.0
     used: set[int] = set()
@@ -196,7 +262,7 @@ class ToolCallCorrectness(_ToolCallScorer):
             label = _label(self._bounded(item))
             if label not in parsed:
                 parsed[label] = truth_calls(label)
-            return correctness_against(item.completion.strip(), parsed[label])
+            return correctness_against(release_response(item.completion), parsed[label])
 
         return per_item(items, one)
 
@@ -208,7 +274,8 @@ class ToolCallFormat(_ToolCallScorer):
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
         return per_item(
-            items, lambda item: format_reward(self._bounded(item).completion.strip(), _label(item))
+            items,
+            lambda item: format_reward(release_response(self._bounded(item).completion), _label(item)),
         )
 
 
@@ -218,4 +285,4 @@ class ToolCallLength(_ToolCallScorer):
     description = "Words in the last <think> block / 512, capped at 1."
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return per_item(items, lambda item: think_length(self._bounded(item).completion.strip()))
+        return per_item(items, lambda item: think_length(release_response(self._bounded(item).completion)))

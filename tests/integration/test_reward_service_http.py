@@ -217,20 +217,25 @@ def test_openrlhf_route(correctness_url: str) -> None:
     assert ok.status_code == 200 and ok.json() == {"rewards": [3.0, -3.0]}
     # No label: the client's mistake, so 422 naming the field (the shape has no per-item errors).
     unlabelled = httpx.post(
-        f"{correctness_url}/v1/openrlhf", json={"query": [GOOD, GOOD], "labels": [G1, None]}
+        f"{correctness_url}/v1/openrlhf",
+        json={"query": [GOOD, GOOD], "prompts": ["", ""], "labels": [G1, None]},
     )
     assert unlabelled.status_code == 422
     assert [error["loc"] for error in unlabelled.json()["detail"]] == [["body", "labels", 1]]
     malformed = httpx.post(
         f"{correctness_url}/v1/openrlhf",
-        json={"query": [GOOD, GOOD], "labels": [G1, "<tool_call>\nnot json\n</tool_call>"]},
+        json={
+            "query": [GOOD, GOOD],
+            "prompts": ["", ""],
+            "labels": [G1, "<tool_call>\nnot json\n</tool_call>"],
+        },
     )
     assert malformed.status_code == 422 and "malformed" in malformed.json()["detail"][0]["msg"]
 
 
 def test_openrlhf_route_answers_503_when_the_scorer_fails_an_item() -> None:
     with serve(create_app(_NaNScorer()), ready_path="/readyz") as url:
-        failed = httpx.post(f"{url}/v1/openrlhf", json={"query": ["a", "b"]})
+        failed = httpx.post(f"{url}/v1/openrlhf", json={"query": ["a", "b"], "prompts": ["", ""]})
     assert failed.status_code == 503 and "query[0]" in failed.json()["detail"]
 
 

@@ -155,3 +155,106 @@ def test_scorer_isolates_a_missing_label_as_an_item_error() -> None:
     assert ok == 3.0
     assert isinstance(missing, ValueError) and "label" in str(missing)
     assert isinstance(bad, InvalidLabel) and "ground truth" in str(bad)
+
+
+# Malformed shapes where gd2po was stricter than the release. Right values: the release's
+# `compute_score` (tool-calling/verl/utils/reward_score/rlla.py, Qwen) run on each (response, truth):
+# the block ends at the next <tool_call> or </tool_call>, </tool_call> may stand anywhere, and a
+# call's shape is only checked where the scoring reads it (other-named calls need only a "name").
+P2 = '{"name": "GetNews", "parameters": {"page": "2"}}'
+G_ISSUE = "<think>x</think>\n" + call_block(CALL)
+RELEASE_SHAPES = [
+    # (case, response, truth, format, correctness)
+    (
+        "a second <tool_call> opens before the close",
+        "<think>y</think>\n<tool_call>\n" + CALL + "\n" + call_block(P2),
+        G_ISSUE,
+        0,
+        3,
+    ),
+    ("close tag before the open tag", "<think>y</think>\n</tool_call>\n<tool_call>\n" + CALL, G_ISSUE, 0, 3),
+    ("no close tag anywhere", "<think>y</think>\n<tool_call>\n" + CALL, G_ISSUE, 0, -3),
+    (
+        "extra call of another name without parameters",
+        think(1) + "\n" + call_block(CALL, '{"name": "Other"}'),
+        G_ISSUE,
+        1,
+        2,
+    ),
+    (
+        "extra call of another name, parameters a number",
+        think(1) + "\n" + call_block(CALL, '{"name": "Other", "parameters": 5}'),
+        G_ISSUE,
+        1,
+        2,
+    ),
+    (
+        "extra call whose name is a number",
+        think(1) + "\n" + call_block(CALL, '{"name": 5, "parameters": {}}'),
+        G_ISSUE,
+        1,
+        2,
+    ),
+    (
+        "extra call whose name is an array",
+        think(1) + "\n" + call_block(CALL, '{"name": ["GetNews"]}'),
+        G_ISSUE,
+        1,
+        -3,
+    ),
+    (
+        "the right name without parameters",
+        think(1) + "\n" + call_block('{"name": "GetNews"}'),
+        G_ISSUE,
+        1,
+        -3,
+    ),
+    ("an extra line that is not an object", think(1) + "\n" + call_block(CALL, "7"), G_ISSUE, 1, -3),
+    (
+        "ground truth without its close tag",
+        think(1) + "\n" + call_block(CALL),
+        "<think>x</think>\n<tool_call>\n" + CALL,
+        1,
+        3,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "response", "truth", "fmt", "correct"), RELEASE_SHAPES, ids=[v[0] for v in RELEASE_SHAPES]
+)
+def test_malformed_shapes_score_as_the_release_scores_them(
+    case: str, response: str, truth: str, fmt: int, correct: int
+) -> None:
+    assert format_reward(response, truth) == fmt
+    assert correctness(response, truth) == pytest.approx(correct, abs=1e-12)
+
+
+def test_scorers_read_raw_chat_markers_as_the_release_does() -> None:
+    """Release (rlla.compute_score, Qwen): the text after the last <|im_start|>assistant, cut at the
+    first <|im_end|>, stripped. The prompt's own call (page 2) is not the response's."""
+    response = think(3) + "\n" + call_block(CALL)
+    completion = (
+        "<|im_start|>user\n"
+        + call_block(P2)
+        + "<|im_end|>\n<|im_start|>assistant\n"
+        + response
+        + "<|im_end|>\n<|im_start|>user\nthanks"
+    )
+    item = ScoreItem(id="0", prompt="p", completion=completion, label=G1)
+    expected = {"tool_call.correctness": 3.0, "tool_call.format": 1.0, "tool_call.length": 0.01}
+    for name, right in expected.items():
+        assert build_scorer(name).score([item]) == [right], name
+
+
+def test_scorers_read_raw_llama3_markers_as_the_release_does() -> None:
+    """Release (rlla.compute_score, Llama): after the last
+    <|start_header_id|>assistant<|end_header_id|>, cut at the first <|eot_id|>, stripped."""
+    completion = (
+        "<|start_header_id|>user<|end_header_id|>\n\nnews<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n" + think(4) + "\n" + call_block(CALL)
+    ) + "<|eot_id|><|end_of_text|>"
+    item = ScoreItem(id="0", prompt="p", completion=completion, label=G_ISSUE)
+    expected = {"tool_call.correctness": 3.0, "tool_call.format": 1.0, "tool_call.length": 0.01}
+    for name, right in expected.items():
+        assert build_scorer(name).score([item]) == [right], name
