@@ -74,6 +74,12 @@ class DataConfig(_Section):
     prompt_field: str = "prompt"
     label_field: str | None = Field(default="reward_model.ground_truth", description="Dotted path or null.")
     shuffle_seed: int = 0
+    overlong_prompts: Literal["filter", "error", "truncate_left"] = Field(
+        default="filter",
+        description="Prompts longer than the prompt token limit (model.max_prompt_tokens, chat template "
+        "applied): drop them at start (the release's filter_overlong_prompts), refuse to start, or keep "
+        "their last tokens (cuts the system message). Counted in the rollout log and metrics.",
+    )
 
 
 class RewardLaunch(_Section):

@@ -1,6 +1,7 @@
-"""The vLLM engine, in-process: G samples per prompt with the sampled tokens' log-probs, chat templates,
-left-truncated prompts, and in-place weight reloads. One engine serves training rollouts and the
-OpenAI-compatible routes; a lock serialises calls because the offline ``LLM`` API is not re-entrant.
+"""The vLLM engine, in-process: G samples per prompt with the sampled tokens' log-probs (of the sampling
+distribution), chat templates, prompt lengths, and in-place weight reloads. One engine serves training
+rollouts and the OpenAI-compatible routes; a lock serialises calls because the offline ``LLM`` API is
+not re-entrant.
 """
 
 from __future__ import annotations
@@ -47,21 +48,37 @@ class Engine:
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             seed=seed,
+            # Log-probs of the distribution tokens are drawn from (logits ÷ temperature, after top-k/top-p),
+            # not of the temperature-1 model: the behaviour policy the trainer's ratio divides by.
+            logprobs_mode="processed_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
 
+    def _prompt_text(self, messages: list[dict[str, str]] | str) -> str:
+        if isinstance(messages, str):
+            return messages
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def prompt_ids(self, messages: list[dict[str, str]] | str) -> list[int]:
         """Chat-template the messages (plain text is used as is) and keep the last max_prompt_tokens."""
-        if isinstance(messages, str):
-            text = messages
-        else:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(self._prompt_text(messages), add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_tokens :]
 
+    def prompt_lengths(self, prompts: list[list[dict[str, str]] | str]) -> list[int]:
+        """Token count of each prompt as :meth:`prompt_ids` renders it, before any truncation (one
+        batched tokenizer call). The release measures the same: the chat template with the generation
+        prompt (verl ``RLHFDataset.maybe_filter_out_long_prompts``)."""
+        if not prompts:
+            return []
+        texts = [self._prompt_text(messages) for messages in prompts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
-        """``sampling.n`` completions per prompt, each with the log-prob of every sampled token."""
+        """``sampling.n`` completions per prompt, each with the log-prob of every sampled token under the
+        sampling distribution: log softmax(logits / ``sampling.temperature``), renormalised over the
+        top-p nucleus when ``top_p`` < 1 (vLLM's ``processed_logprobs``). Greedy requests
+        (temperature 0) get the temperature-1 log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -18,12 +18,59 @@ from proto.config import ExperimentConfig
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.producer import Producer
-from rollout_service.prompts import PromptSource
+from rollout_service.prompts import OverlongReport, PromptSource
 from rollout_service.rewards_client import RewardClient, RewardFailure
 from rollout_service.weights import PolicyFollower
 
 log = logging.getLogger("rollout_service.loop")
 POLL_S = 0.05  # a Redis round trip is ~0.1 ms; in synchronous mode this latency is on every step
+
+
+def training_sampling(config: ExperimentConfig) -> Sampling:
+    """How training rollouts are sampled: ``rollout.group_size`` samples at ``rollout.temperature``.
+
+    The trainer scores tokens with softmax(logits / temperature) over the whole vocabulary, the
+    release's actor rule; the engine reports log-probs of the distribution it sampled from. Both agree
+    only for temperature > 0 and top_p = 1: with top_p < 1 vLLM samples from the nucleus and reports
+    log-probs renormalised over it (log π_T − log Z, Z ≤ 1 the nucleus mass), so the first step's ratio
+    would be Z instead of 1 on every token, a policy the trainer never optimises. The release samples
+    with top_p = 1. Raises ValueError naming the key otherwise.
+    """
+    rollout = config.rollout
+    if rollout.temperature <= 0:
+        raise ValueError(
+            f"rollout.temperature={rollout.temperature}: training rollouts must be sampled (> 0); "
+            "greedy groups are G copies of one answer"
+        )
+    if rollout.top_p < 1:
+        raise ValueError(
+            f"rollout.top_p={rollout.top_p}: training rollouts need top_p: 1; nucleus sampling's log-probs "
+            "(renormalised over the nucleus) are not the policy the trainer optimises"
+        )
+    return Sampling(
+        n=rollout.group_size,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_tokens=config.model.max_response_tokens,
+    )
+
+
+def limit_prompt_length(
+    prompts: PromptSource, engine: Engine, config: ExperimentConfig, metrics: RolloutMetrics
+) -> OverlongReport:
+    """Apply ``data.overlong_prompts`` at start against the engine's prompt token limit (the smaller of
+    ``model.max_prompt_tokens`` and the context left by ``model.max_response_tokens``); log and export
+    how many prompts were dropped or truncated of how many. Raises :class:`OverlongPrompts`."""
+    report = prompts.limit_length(
+        lambda records: engine.prompt_lengths([[m.model_dump() for m in r.messages] for r in records]),
+        engine.max_prompt_tokens,
+        config.data.overlong_prompts,
+    )
+    metrics.prompts_loaded.set(report.loaded)
+    metrics.prompts_dropped.set(report.dropped)
+    metrics.prompts_truncated.set(report.truncated)
+    log.log(logging.WARNING if report.overlong else logging.INFO, "%s", report.describe())
+    return report
 
 
 class RolloutLoop:
@@ -46,12 +93,7 @@ class RolloutLoop:
         self.batches = 0
         self.last_version = 0
         self.stopping = asyncio.Event()
-        self.sampling = Sampling(
-            n=config.rollout.group_size,
-            temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p,
-            max_tokens=config.model.max_response_tokens,
-        )
+        self.sampling = training_sampling(config)
 
     async def run(self) -> None:
         scoring: asyncio.Task | None = None

@@ -58,6 +58,20 @@ class RolloutMetrics:
             buckets=SECONDS,
             registry=r,
         )
+        self.prompts_loaded = Gauge(
+            "gd2po_rollout_prompts_loaded", "Training prompts read from data.train_files", registry=r
+        )
+        self.prompts_dropped = Gauge(
+            "gd2po_rollout_prompts_dropped",
+            "Training prompts over the prompt token limit, dropped at start (data.overlong_prompts: filter)",
+            registry=r,
+        )
+        self.prompts_truncated = Gauge(
+            "gd2po_rollout_prompts_truncated",
+            "Training prompts over the prompt token limit, kept left-truncated (data.overlong_prompts: "
+            "truncate_left)",
+            registry=r,
+        )
         self.reload_failures = Counter(
             "gd2po_rollout_weight_reload_failures", "Weight reloads refused or failed", registry=r
         )

@@ -24,7 +24,7 @@ from proto.startup import (
 )
 from rollout_service.api import create_api
 from rollout_service.engine import Engine
-from rollout_service.loop import RolloutLoop
+from rollout_service.loop import RolloutLoop, limit_prompt_length
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.producer import Producer
 from rollout_service.prompts import PromptSource
@@ -93,6 +93,7 @@ class RolloutService:
             label_field=config.data.label_field,
             seed=config.data.shuffle_seed,
         )
+        limit_prompt_length(prompts, self.engine, config, self.metrics)  # before restoring the position
         self.loop = RolloutLoop(
             config,
             self.engine,

@@ -64,6 +64,18 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     return ds
 
 
+def sampling_temperature(config: ExperimentConfig) -> float:
+    """The temperature the rollouts were sampled at (``rollout.temperature``), which every log-prob the
+    trainer computes uses. Raises ValueError if it is 0 (greedy rollouts have no policy to train)."""
+    temperature = config.rollout.temperature
+    if temperature <= 0:
+        raise ValueError(
+            f"rollout.temperature={temperature}: training needs sampled rollouts (temperature > 0); "
+            "greedy decoding gives every rollout of a group the same tokens and no log-probs to train on"
+        )
+    return temperature
+
+
 class PolicyEngine:
     def __init__(self, config: ExperimentConfig):
         import deepspeed
@@ -82,6 +94,7 @@ class PolicyEngine:
             config=self.ds_config,
         )
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.temperature = sampling_temperature(config)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -111,8 +124,16 @@ class PolicyEngine:
         *,
         entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) under the current policy, [n, L−1] float32 (see ``response_logprobs``)."""
-        return response_logprobs(self.engine, input_ids, attention_mask, response_mask, entropy=entropy)
+        """Log-probs (and entropies) of the current policy at the sampling temperature
+        (``rollout.temperature``), [n, L−1] float32 (see ``response_logprobs``)."""
+        return response_logprobs(
+            self.engine,
+            input_ids,
+            attention_mask,
+            response_mask,
+            temperature=self.temperature,
+            entropy=entropy,
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -132,19 +153,24 @@ class PolicyEngine:
 class ReferencePolicy:
     """The frozen policy the KL penalty pulls toward (``trainer.reference_path``, by default the starting
     checkpoint): a plain eval-mode module beside the DeepSpeed engine, never updated, never saved.
-    Every rank holds it whole, so under ZeRO-3 it costs one unsharded copy per rank."""
+    Every rank holds it whole, so under ZeRO-3 it costs one unsharded copy per rank. ``temperature`` is
+    the policy's (:attr:`PolicyEngine.temperature`): the KL compares the two at the sampling temperature."""
 
-    def __init__(self, path: Path, dtype: str, device: torch.device):
+    def __init__(self, path: Path, dtype: str, device: torch.device, *, temperature: float):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model = model.to(device).eval().requires_grad_(False)
+        self.temperature = temperature
 
     @torch.no_grad()
     def token_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
-        return response_logprobs(self.model, input_ids, attention_mask, response_mask)
+        """The reference's log-probs at the same sampling temperature as the policy's, [n, L−1]."""
+        return response_logprobs(
+            self.model, input_ids, attention_mask, response_mask, temperature=self.temperature
+        )
 
 
 def response_logprobs(
@@ -153,20 +179,30 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     *,
+    temperature: float = 1.0,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(token t+1 | ≤ t) for every target position t, [n, L−1] float32, zero before the batch's first
-    response target; with ``entropy`` also the policy's entropy at those positions (else None).
+    """log π_T(token t+1 | ≤ t) for every target position t, [n, L−1] float32, zero before the batch's
+    first response target; with ``entropy`` also π_T's entropy at those positions (else None).
+
+    π_T is the sampling policy: softmax(logits / ``temperature``), the rollout's ``rollout.temperature``
+    (the release's actor divides the logits by the rollout temperature before every log-prob, current,
+    old and reference alike: verl ``DataParallelPPOActor._forward_micro_batch``). Raises ValueError
+    for a temperature ≤ 0 (greedy decoding has no log-probs to train on).
 
     The LM head runs only from the first response target on (``logits_to_keep``): no loss term reads a
     prompt position, and on the demo (~830-token prompts, 96-token answers, 49k vocabulary) the
     prompt's logits were most of the activation memory of a forward."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     targets = response_mask.shape[1]
     active = response_mask.any(dim=0).nonzero()
     first = int(active[0]) if active.numel() else targets
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=targets + 1 - first
     ).logits
+    if temperature != 1.0:
+        logits = logits.div_(temperature)  # in place: the LM head's backward does not need its output
     logits = logits[:, :-1]
     logprobs = token_logprobs_from_logits(logits, input_ids[:, first + 1 :])
     pad = torch.nn.functional.pad

@@ -89,6 +89,7 @@ class Trainer:
                 self.config.trainer.reference_path or self.config.model.path,
                 self.config.model.dtype,
                 engine.device,
+                temperature=engine.temperature,
             )
         rank = dist.get_rank()
         client = connect(self.config.redis)

@@ -118,6 +118,19 @@ def test_logprobs_match_the_models_own_log_softmax(rollout, tiny_model_dir: Path
         assert torch.allclose(torch.tensor(completion.logprobs), expected.squeeze(1), atol=2e-3)
 
 
+def test_overlong_prompts_are_dropped_at_start_and_counted(rollout) -> None:
+    """data.overlong_prompts defaults to filter (the release's filter_overlong_prompts=True). The tiny
+    model's 2,048 positions less 16 response tokens leave 2,032 prompt tokens; by the release's rule
+    (chat template with generation prompt, keep length <= limit) 2 of the 399 demo prompts exceed it."""
+    url, service, _ = rollout
+    scrape = httpx.get(f"{url}/metrics").text
+    assert metric(scrape, "gd2po_rollout_prompts_loaded") == 399
+    assert metric(scrape, "gd2po_rollout_prompts_dropped") == 2
+    assert metric(scrape, "gd2po_rollout_prompts_truncated") == 0
+    assert len(service.loop.prompts.records) == 397
+    assert service.engine.max_prompt_tokens == 2032
+
+
 def test_backpressure_bounds_the_stream(rollout) -> None:
     url, _, client = rollout
     wait_until(lambda: client.xlen(KEYS.groups) >= BACKLOG, what="a full backlog")

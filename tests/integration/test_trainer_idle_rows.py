@@ -72,7 +72,7 @@ def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_mo
     cfg = config(tiny_model_dir, skip=True)
     cfg.trainer.kl_coef, cfg.trainer.entropy_coef, cfg.trainer.ppo_epochs = 0.5, 0.01, 2
     engine = PolicyEngine(cfg)
-    reference = ReferencePolicy(tiny_model_dir, "float32", engine.device)
+    reference = ReferencePolicy(tiny_model_dir, "float32", engine.device, temperature=engine.temperature)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
     rows = (batch.input_ids[:4], batch.attention_mask[:4], batch.response_mask[:4])
     with torch.no_grad():

@@ -71,3 +71,33 @@ def test_a_batch_without_response_tokens_gives_zeros(model) -> None:
     result, entropy = response_logprobs(model, ids, attention, torch.zeros_like(response))
     assert entropy is None
     assert result.shape == response.shape and torch.count_nonzero(result) == 0
+
+
+def test_logprobs_entropy_and_gradients_are_of_the_policy_at_the_sampling_temperature(model) -> None:
+    """π_T = softmax(logits / T), as the release's actor computes it (logits ÷ rollout temperature)."""
+    ids, attention, response = _batch([7, 5], [4, 6])
+    temperature = 0.7
+    partial, entropy = response_logprobs(
+        model, ids, attention, response, temperature=temperature, entropy=True
+    )
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature
+    expected = token_logprobs_from_logits(logits, ids[:, 1:])
+    assert torch.allclose(partial * response, expected * response, atol=1e-6)
+    assert torch.allclose(entropy * response, entropy_from_logits(logits) * response, atol=1e-5)
+    assert not torch.allclose(partial * response, _full(model, ids, attention) * response, atol=1e-2)
+
+    model.zero_grad()
+    (partial * response).sum().backward()
+    partial_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    scaled = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature
+    (token_logprobs_from_logits(scaled, ids[:, 1:]) * response).sum().backward()
+    for got, want in zip(partial_grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_that_is_not_positive_is_refused(model, temperature: float) -> None:
+    ids, attention, response = _batch([3], [2])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        response_logprobs(model, ids, attention, response, temperature=temperature)
