@@ -13,9 +13,9 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_CONFIG ?= configs/tool_calling_smollm2_cpu.yaml
 
-.PHONY: setup system venv model lint test demo bench schemas clean
+.PHONY: setup system venv model ops lint test demo bench schemas clean
 
-setup: system venv model
+setup: system venv model ops
 
 system:  ## redis-server for the stack and tests, promtool for the alert-rule tests
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
@@ -39,6 +39,10 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 
 model: venv
 	$(VENV)/bin/gd2po model prepare
+
+ops: venv  ## DeepSpeed's CPU ops (shared-memory comm, fused Adam), JIT-built once into TORCH_EXTENSIONS_DIR
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import FusedAdamBuilder, ShareMemCommBuilder; \
+		[builder().load(verbose=False) for builder in (ShareMemCommBuilder, FusedAdamBuilder)]"
 
 schemas: venv
 	$(PY) -m proto.jsonschema

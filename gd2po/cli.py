@@ -10,7 +10,9 @@ from gd2po.models import DEFAULT_MODEL_DIR
 
 app = typer.Typer(help="gd2po: multi-reward RL post-training with GD²PO.", no_args_is_help=True)
 model_app = typer.Typer(help="Offline model preparation.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluation against a running OpenAI-compatible server.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluation against a running OpenAI-compatible server or a model/run folder.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 app.add_typer(eval_app, name="eval")
 
@@ -82,33 +84,61 @@ def compare(
 
 @eval_app.command("api-bank")
 def eval_api_bank(
-    url: str = typer.Option(..., help="Base URL of an OpenAI-compatible server (rollout service or vLLM)."),
-    model: str = typer.Option("policy", help="Model name to send in requests."),
+    url: str | None = typer.Option(
+        None, help="Base URL of a running OpenAI-compatible server (rollout service or vLLM)."
+    ),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        exists=True,
+        file_okay=False,
+        help="A model folder, or a run folder (its newest weights/step-N): served by a vLLM process "
+        "started and stopped for this evaluation.",
+    ),
+    model: str = typer.Option("policy", help="Model name to send in requests (with --url)."),
     data_dir: Path = typer.Option(Path("data/tool_calling/api_bank"), exists=True, file_okay=False),
     limit: int | None = typer.Option(None, help="Only the first N items of each level (smoke runs)."),
     max_tokens: int = typer.Option(4096),
+    max_model_len: int = typer.Option(4096, help="Context of the vLLM engine started for --weights."),
     concurrency: int = typer.Option(8),
     output: Path | None = typer.Option(None, help="Write per-item scores and outputs as JSONL."),
 ) -> None:
     """API-Bank tool-calling accuracy (597 items, greedy), per level and overall."""
+    import contextlib
     import os
 
     from rich.console import Console
     from rich.table import Table
 
-    from gd2po.evaluate import evaluate_api_bank
+    from gd2po.evaluate import SERVED_NAME, evaluate_api_bank, model_folder, served
 
-    summary, _ = evaluate_api_bank(
-        url,
-        model=model,
-        data_dir=data_dir,
-        limit=limit,
-        max_tokens=max_tokens,
-        concurrency=concurrency,
-        token=os.environ.get("GD2PO_AUTH__TOKEN"),
-        output=output,
+    if (url is None) == (weights is None):
+        raise typer.BadParameter("give exactly one of --url and --weights", param_hint="--url / --weights")
+    server: contextlib.AbstractContextManager[str] = contextlib.nullcontext(url or "")
+    title = f"API-Bank · {url}"
+    if weights is not None:
+        try:
+            folder = model_folder(weights)
+        except FileNotFoundError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--weights") from exc
+        log_path = (output.parent if output else Path("runs")) / "eval-vllm.log"
+        server = served(folder, max_model_len=max_model_len, log_path=log_path)
+        model, title = SERVED_NAME, f"API-Bank · {folder}"
+        typer.echo(f"serving {folder} with vLLM (log {log_path})")
+    with server as base_url:
+        summary, _ = evaluate_api_bank(
+            base_url,
+            model=model,
+            data_dir=data_dir,
+            limit=limit,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
+            token=os.environ.get("GD2PO_AUTH__TOKEN"),
+            output=output,
+        )
+    table = Table(
+        title=title + (f" · first {limit} per level" if limit else "") + f" · max_tokens {max_tokens}"
     )
-    table = Table(title="API-Bank")
     columns = ("items", "accuracy", "format_pass_rate", "length_score", "think_words")
     for column in ("split", *columns):
         table.add_column(column, justify="left" if column == "split" else "right")

@@ -1,9 +1,17 @@
-"""Run the API-Bank evaluation against any OpenAI-compatible chat endpoint (greedy, seed 42)."""
+"""Run the API-Bank evaluation against any OpenAI-compatible chat endpoint (greedy, seed 42), or against
+a model folder or a run's newest published policy, served for the occasion by vLLM's OpenAI server as a
+child process on 127.0.0.1 and stopped afterwards."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +20,8 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from tqdm.asyncio import tqdm
 
 from gd2po.apibank import Sample, SampleScore, load_api_bank, score_sample, summarise
+from gd2po.ports import free_port
+from gd2po.processes import Child
 
 DEFAULT_DATA = Path("data/tool_calling/api_bank")
 
@@ -89,3 +99,71 @@ def evaluate_api_bank(
             for (_, text), score in zip(generated, scores, strict=True):
                 handle.write(json.dumps({**asdict(score), "output": text}) + "\n")
     return summary, scores
+
+
+SERVED_NAME = "policy"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def model_folder(path: Path) -> Path:
+    """The weights to evaluate: ``path`` itself when it holds a model (config.json + safetensors), else
+    the newest complete ``weights/step-N`` of the run folder ``path``. Raises FileNotFoundError naming
+    what was looked for."""
+    path = Path(path)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    steps = [
+        (int(match.group(1)), folder)
+        for folder in (path / "weights").glob("step-*")
+        if (match := _STEP.match(folder.name))
+        and (folder / "config.json").is_file()
+        and any(folder.glob("*.safetensors"))
+    ]
+    if not steps:
+        raise FileNotFoundError(
+            f"{path} is neither a model folder (config.json + *.safetensors) nor a run folder with "
+            "published weights (weights/step-N/)"
+        )
+    return max(steps)[1]
+
+
+@contextlib.contextmanager
+def served(
+    folder: Path, *, max_model_len: int, log_path: Path, dtype: str = "float32", timeout: float = 300.0
+) -> Iterator[str]:
+    """Serve ``folder`` with vLLM's OpenAI server (as ``policy``) on a free loopback port for the
+    duration of the block; yields its base URL. The server is stopped (SIGTERM, then SIGKILL) on exit,
+    error or Ctrl-C. Raises RuntimeError with the tail of its log if it dies or is not ready in time."""
+    port = free_port()
+    child = Child(
+        name="eval-vllm",
+        command=[
+            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)),
+            *("--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-model-len", str(max_model_len)),
+            *("--host", "127.0.0.1", "--port", str(port), "--seed", "42", "--enforce-eager"),
+        ],
+        log_path=log_path,
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        },
+    ).start(cwd=Path.cwd())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if child.exit_code() is not None:
+                    raise RuntimeError(f"vLLM exited with code {child.exit_code()}:\n{child.log_tail()}")
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM not ready after {timeout:.0f} s:\n{child.log_tail()}")
+                time.sleep(1.0)
+        yield url
+    finally:
+        child.stop()

@@ -91,6 +91,52 @@ def save_random_llama(
     return sum(p.numel() for p in model.parameters())
 
 
+TOY_ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+)
+
+
+def build_toy_policy(target: Path, *, seed: int = 0) -> Path:
+    """A policy that can visibly learn within a minute on a CPU: a random 2-layer Llama over a
+    32-token character vocabulary (``<pad> <s> </s> <unk>``, ``a``–``z``, space, ``.`` and ``:``, which
+    ends every chat-templated prompt), saved with its own fast tokenizer.
+
+    With 32 tokens every character, the end-of-sequence token included, is sampled often enough from
+    the start that a reward on characters or on length varies within a group at step one, and one
+    logit moving is a visible change in behaviour. The learning test and ``bench`` use it; it is
+    nobody's production model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: index for index, token in enumerate([*specials, *TOY_ALPHABET, ":"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Every character is a token; decoding concatenates them (no spaces inserted between tokens).
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=TOY_CHAT_TEMPLATE,
+    )
+    save_random_llama(
+        target,
+        vocab_size=len(vocab),
+        hidden=128,
+        layers=2,
+        kv_heads=1,
+        intermediate=256,
+        token_ids=(vocab["<s>"], vocab["</s>"], vocab["<pad>"]),
+        seed=seed,
+    )
+    tokenizer.save_pretrained(target)
+    return Path(target)
+
+
 def build_tiny_model(target: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2) -> Path:
     """A random Llama small enough for fast tests, with the tokenizer (and chat template) of ``tokenizer_dir``."""
     from transformers import AutoTokenizer

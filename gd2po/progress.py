@@ -3,8 +3,12 @@ generation speed from the rollout service's metrics, refreshed about once a seco
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -12,8 +16,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gd2po.learning import quarter_rise
 from gd2po.runlog import read_steps, reward_names
 from proto.keys import RedisKeys
 
@@ -52,7 +58,7 @@ def _table(stack: Stack, steps: list[dict], rollout: dict[str, float], depth: in
     table.add_column("value", justify="right")
     table.add_row("step", f"{int(last.get('step', 0))}/{total}")
     for name in reward_names(steps):
-        table.add_row(f"reward {name} (mean)", f"{last.get(f'reward_mean/{name}', float('nan')):.3f}")
+        table.add_row(f"reward {name} (mean)", _reward_cell(steps, name))
     for key in ("conflict_ratio", "drop_ratio", "keep_ratio", "loss"):
         if key in last:
             table.add_row(key, f"{last[key]:.4f}")
@@ -60,6 +66,19 @@ def _table(stack: Stack, steps: list[dict], rollout: dict[str, float], depth: in
     table.add_row("rollout policy version", f"{int(rollout.get('gd2po_rollout_policy_version', 0))}")
     table.add_row("queue depth", "?" if depth is None else str(depth))
     return table
+
+
+def _reward_cell(steps: list[dict], name: str) -> str:
+    """The newest step's mean, and once there are 8 steps the first vs the newest quarter's mean with the
+    rise in pooled sd (gd2po.learning), so a rising reward is visible while the run goes on."""
+    values = [s[f"reward_mean/{name}"] for s in steps if f"reward_mean/{name}" in s]
+    if not values:
+        return "nan"
+    cell = f"{values[-1]:.3f}"
+    if len(values) >= 8:
+        rise = quarter_rise(values)
+        cell += f"  (¼ {rise.first:.3f} → {rise.last:.3f}, {rise.in_sd:+.1f} sd)"
+    return cell
 
 
 def follow_run(stack: Stack, *, show: bool = True, poll_s: float = 1.0) -> None:
@@ -102,3 +121,55 @@ class _Null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+_TQDM_STEP = re.compile(r"(\d+)/(\d+) \[")
+
+
+def _training_steps(log_path: Path) -> tuple[int, int] | None:
+    """(done, total) of the newest progress bar in the cold start's log (TRL's tqdm), if any."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - 4096))
+            tail = log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    found = _TQDM_STEP.findall(tail)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+@contextlib.contextmanager
+def cold_start_progress(log_path: Path, *, show: bool = True) -> Iterator[Callable[[], None]]:
+    """A progress bar of the SFT cold start's optimizer steps, read from its log; yields ``tick`` to
+    call while waiting. Prints one line per tenth of the steps when stdout is not a terminal."""
+    console = Console()
+    interactive = show and sys.stdout.isatty()
+    bar = Progress(
+        TextColumn("cold start (SFT)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = bar.add_task("sft", total=None)
+    printed = [-1]
+
+    def tick() -> None:
+        steps = _training_steps(log_path)
+        if steps is None or not show:
+            return
+        done, total = steps
+        if interactive:
+            bar.update(task, completed=done, total=total)
+        elif total and done * 10 // total > printed[0]:
+            printed[0] = done * 10 // total
+            console.print(f"cold start (SFT): step {done}/{total}")
+
+    if interactive:
+        with bar:
+            yield tick
+    else:
+        if show:
+            console.print(f"cold start (SFT): training or loading from cache, log {log_path}")
+        yield tick

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from gd2po.runlog import read_steps, reward_names
+from gd2po.learning import normalised_total, quarter_rise
+from gd2po.runlog import read_steps, reward_names, reward_ranges
 
 RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
 
@@ -22,13 +23,33 @@ def series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_rewards(steps: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in reward_names(steps):
-        ax.plot(*series(steps, f"reward_mean/{name}"), marker="o", label=name)
-    ax.set(xlabel="step", ylabel="mean reward", title="Per-reward mean")
-    ax.grid(alpha=0.3)
-    ax.legend()
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` steps (shorter at the start), same length as ``values``."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value - (values[index - window] if index >= window else 0.0)
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def plot_rewards(steps: list[dict], path: Path, ranges: dict[str, tuple[float, float]] | None = None) -> None:
+    """One panel per reward (its per-step mean, faint, and a moving average over a tenth of the run),
+    plus the range-normalised total: rewards on different scales each get their own axis."""
+    names = reward_names(steps)
+    panels = len(names) + (len(names) > 1)
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), squeeze=False)
+    window = max(1, len(steps) // 10)
+    curves = {name: series(steps, f"reward_mean/{name}") for name in names}
+    if len(names) > 1:
+        total = normalised_total({n: v for n, (_, v) in curves.items()}, ranges or {})
+        curves["total (range-normalised)"] = (curves[names[0]][0][: len(total)], total)
+    for ax, (name, (x, y)) in zip(axes[0], curves.items(), strict=False):
+        ax.plot(x, y, alpha=0.35, marker=".", linewidth=0.8, label="per step")
+        ax.plot(x, moving_average(y, window), linewidth=2, label=f"mean of {window} steps")
+        ax.set(xlabel="step", title=name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean reward")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -46,16 +67,29 @@ def plot_ratios(steps: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def summary_table(steps: list[dict]) -> Table:
-    """First vs last step for each reward mean and filter ratio."""
+def summary_table(steps: list[dict], ranges: dict[str, tuple[float, float]] | None = None) -> Table:
+    """Per signal: mean of the first and of the last quarter of steps, the run's mean, and — for the
+    rewards — the rise in pooled standard deviations (gd2po.learning: "rose" beyond 2)."""
     table = Table(title=f"Run summary ({len(steps)} steps)")
-    for column in ("signal", "first", "last", "mean"):
-        table.add_column(column, justify="left" if column == "signal" else "right")
-    keys = [f"reward_mean/{n}" for n in reward_names(steps)] + [*RATIOS, "loss"]
-    for key in keys:
-        _, values = series(steps, key)
-        if values:
-            table.add_row(key, f"{values[0]:.4f}", f"{values[-1]:.4f}", f"{sum(values) / len(values):.4f}")
+    for column in ("signal", "first ¼", "last ¼", "mean", "rise (pooled sd)"):
+        table.add_column(column, justify="left" if column == "signal" else "right", no_wrap=True)
+    names = reward_names(steps)
+    rows = {f"reward_mean/{n}": series(steps, f"reward_mean/{n}")[1] for n in names}
+    if len(names) > 1:
+        rows["reward total (range-norm.)"] = normalised_total(
+            {n: rows[f"reward_mean/{n}"] for n in names}, ranges or {}
+        )
+    rows.update({key: series(steps, key)[1] for key in (*RATIOS, "loss")})
+    for key, values in rows.items():
+        if not values:
+            continue
+        quarter = max(1, len(values) // 4)
+        first, last = sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+        rise = ""
+        if key.startswith("reward") and len(values) >= 8:
+            verdict = quarter_rise(values)
+            rise = f"{verdict.in_sd:+.1f}" + (" rose" if verdict.rose() else "")
+        table.add_row(key, f"{first:.4f}", f"{last:.4f}", f"{sum(values) / len(values):.4f}", rise)
     return table
 
 
@@ -66,9 +100,10 @@ def write_report(run_dir: Path, *, show: bool = True) -> list[Path]:
     if not steps:
         raise FileNotFoundError(f"no step records in {run_dir / 'metrics.jsonl'}")
     outputs = [run_dir / "rewards.png", run_dir / "filter_ratios.png", run_dir / "summary.txt"]
-    plot_rewards(steps, outputs[0])
+    ranges = reward_ranges(run_dir)
+    plot_rewards(steps, outputs[0], ranges)
     plot_ratios(steps, outputs[1])
-    table = summary_table(steps)
+    table = summary_table(steps, ranges)
     recorder = Console(record=True, width=100, file=io.StringIO())
     recorder.print(table)
     outputs[2].write_text(recorder.export_text())

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+REWARDS_FILE = "rewards.json"  # name → /v1/info of each reward service, written by `gd2po up`
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,3 +43,16 @@ def reward_names(steps: list[dict[str, Any]]) -> list[str]:
             if key.startswith("reward_mean/") and key.split("/", 1)[1] not in names:
                 names.append(key.split("/", 1)[1])
     return names
+
+
+def reward_ranges(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """Each reward's declared (low, high) from the run's rewards.json; {} when absent (older runs)."""
+    path = Path(run_dir) / REWARDS_FILE
+    if not path.is_file():
+        return {}
+    ranges = {}
+    for name, info in json.loads(path.read_text()).items():
+        low, high = (info.get("range") or (None, None))[:2]
+        if low is not None and high is not None:
+            ranges[name] = (float(low), float(high))
+    return ranges

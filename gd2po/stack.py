@@ -22,7 +22,9 @@ import httpx
 
 from gd2po.ports import free_port
 from gd2po.processes import Child
+from gd2po.progress import cold_start_progress
 from gd2po.redis_server import RedisProcess
+from gd2po.runlog import REWARDS_FILE
 from proto.config import ExperimentConfig, dump_config, load_config, mask_url
 
 READY_TIMEOUT_S = 600.0
@@ -89,6 +91,9 @@ class Stack:
     threads: dict[str, int] = field(default_factory=dict)
     resume: bool = False
     lost: list[Service] = field(default_factory=list)
+    show_progress: bool = True
+    model_override: str | None = None  # the cold start's model, when the config has an sft section
+    cold_start: Child | None = None
 
     @property
     def trainer(self) -> Child:
@@ -106,6 +111,7 @@ class Stack:
                 "TORCH_EXTENSIONS_DIR", str(self.repo_root / ".cache" / "torch_extensions")
             ),
             "PYTHONUNBUFFERED": "1",
+            **({"GD2PO_MODEL__PATH": self.model_override} if self.model_override else {}),
         }
 
     def _spawn(
@@ -133,6 +139,7 @@ class Stack:
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._cold_start()
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self._start_redis()
         rewards = self._start_rewards()
@@ -161,6 +168,59 @@ class Stack:
         )
         self._write_manifest()
         self.wait_ready()
+        self._write_reward_info(rewards)
+
+    def _write_reward_info(self, rewards: list[dict]) -> None:
+        """rewards.json: each reward's ``/v1/info`` (range, version), so the report can put rewards on
+        one scale. Best effort: a reward service elsewhere that does not answer is left out."""
+        token = os.environ.get("GD2PO_AUTH__TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        infos = {}
+        with httpx.Client(timeout=5.0, headers=headers) as client:
+            for reward in rewards:
+                url = reward["url"][0] if isinstance(reward["url"], list) else reward["url"]
+                try:
+                    response = client.get(f"{url.rstrip('/')}/v1/info")
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 200:
+                    infos[reward["name"]] = response.json()
+        (self.run_dir / REWARDS_FILE).write_text(json.dumps(infos, indent=2))
+
+    def _cold_start(self) -> None:
+        """Run the config's ``sft`` stage (``python -m trainer.sft``, cached by its key) as a child process
+        with every core, then point the rollout and the trainer at its model (``GD2PO_MODEL__PATH``)."""
+        if self.config.sft is None:
+            return
+        report = self.run_dir / "sft.json"
+        report.unlink(missing_ok=True)
+        child = Child(
+            name="sft",
+            command=[
+                *(sys.executable, "-m", "trainer.sft", "--config", str(self.config_path)),
+                *("--report", str(report)),
+            ],
+            log_path=self.run_dir / "logs" / "sft.log",
+            env=self.base_env(),
+        ).start(cwd=self.repo_root)
+        self.cold_start = child
+        try:
+            with cold_start_progress(child.log_path, show=self.show_progress) as tick:
+                while child.exit_code() is None:
+                    tick()
+                    time.sleep(0.5)
+        finally:
+            child.stop()
+        if child.exit_code() != 0 or not report.is_file():
+            raise StackError(
+                f"the cold start (sft) exited with code {child.exit_code()}; last lines of "
+                f"{child.log_path}:\n{child.log_tail()}"
+            )
+        model_path = Path(json.loads(report.read_text())["model_path"])
+        self.model_override = str(model_path)
+        self.config = self.config.model_copy(
+            update={"model": self.config.model.model_copy(update={"path": model_path})}
+        )
 
     def _write_manifest(self) -> None:
         """services.json: where every child listens and its pid, for operators and tests."""
@@ -315,6 +375,7 @@ def run_stack(
         pin=affinity,
         threads=threads,
         resume=resume,
+        show_progress=progress,
     )
     with _sigterm_as_interrupt():
         try:

@@ -195,7 +195,7 @@ class Trainer:
         state.step += 1
 
         tick = time.perf_counter()
-        if state.step % trainer.publish_every == 0:
+        if trainer.publish_every and state.step % trainer.publish_every == 0:
             writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
             weights = full_state_dict(
                 engine.module, engine.zero_stage, snapshot=trainer.background_publish and writer

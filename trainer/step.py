@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 
 from proto.config import ExperimentConfig
 from trainer.algorithms import compute_advantages
@@ -42,8 +43,42 @@ def group_keep_ratios(advantages: torch.Tensor, batch: TrainBatch) -> list[float
     return (kept / sizes).tolist()
 
 
-def _micro_batches(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
-    return [chunk for chunk in torch.tensor_split(rows, count) if chunk.numel()]
+def _micro_batches(
+    rows: torch.Tensor, count: int, group_index: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """``rows`` in at most ``count`` micro-batches. With ``group_index`` a group's rows stay together, in
+    group order, so their shared prompt is forwarded once (``trainer.share_prompt_forward``)."""
+    if group_index is None:
+        return [chunk for chunk in torch.tensor_split(rows, count) if chunk.numel()]
+    groups = group_index[rows]
+    order = torch.argsort(groups, stable=True)
+    rows, groups = rows[order], groups[order]
+    parts = torch.tensor_split(torch.unique_consecutive(groups), count)
+    return [rows[torch.isin(groups, part)] for part in parts if part.numel()]
+
+
+def _policy_logprobs(
+    engine: PolicyEngine, batch: TrainBatch, rows: torch.Tensor, *, entropy: bool, by_group: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Current log-probs (and entropies) of ``rows``, [len(rows), L−1]; ``by_group`` forwards each group's
+    rows together (rows must then be in group order, as ``_micro_batches`` gives them)."""
+    if not by_group:
+        return engine.token_logprobs(
+            batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows], entropy=entropy
+        )
+    parts = [
+        engine.token_logprobs(
+            batch.input_ids[members],
+            batch.attention_mask[members],
+            batch.response_mask[members],
+            entropy=entropy,
+        )
+        for members in torch.split(
+            rows, torch.unique_consecutive(batch.group_index[rows], return_counts=True)[1].tolist()
+        )
+    ]
+    logprobs = torch.cat([p[0] for p in parts])
+    return logprobs, torch.cat([p[1] for p in parts]) if entropy else None
 
 
 def _weight(batch: TrainBatch, rows: torch.Tensor, total: float, agg: str) -> float:
@@ -91,6 +126,8 @@ def train_on(
     ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
     skip_idle = trainer.skip_idle_rows and not (trainer.kl_coef or trainer.entropy_coef)
     accumulation = engine.accumulation_steps
+    # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
+    by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
     totals: dict[str, float] = {}
     updates = rows_trained = 0
     forward_backward = optimizer = 0.0
@@ -105,17 +142,14 @@ def train_on(
             if skip_idle:  # the denominator above still counts them: same gradient
                 mini = mini[(advantages[mini] != 0).any(dim=1)]
             rows_trained += mini.numel()
-            micro_rows = _micro_batches(mini, accumulation)
+            micro_rows = _micro_batches(mini, accumulation, batch.group_index if by_group else None)
             # DeepSpeed steps after exactly `accumulation` backward calls; pad with empty work if short.
             for index in range(accumulation):
                 rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
                 tick = time.perf_counter()
                 if rows.numel():
-                    logprobs, entropy = engine.token_logprobs(
-                        batch.input_ids[rows],
-                        batch.attention_mask[rows],
-                        batch.response_mask[rows],
-                        entropy=bool(trainer.entropy_coef),
+                    logprobs, entropy = _policy_logprobs(
+                        engine, batch, rows, entropy=bool(trainer.entropy_coef), by_group=by_group
                     )
                     loss, stats = policy_loss(
                         logprobs,

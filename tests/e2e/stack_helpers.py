@@ -23,10 +23,18 @@ def tiny_stack_config(
     steps: int = 4,
     correctness_replicas: int = 1,
     synchronous: bool = False,
+    cold_start: bool = False,
 ) -> Path:
-    """The demo config shrunk to a tiny model and short responses so a few steps take seconds."""
+    """The demo config shrunk to a tiny model and short responses so a few steps take seconds; with
+    ``cold_start`` its SFT stage runs too (2 examples, cached under ``tmp_path``), else it is left out."""
     config = yaml.safe_load((REPO_ROOT / "configs" / "tool_calling_smollm2_cpu.yaml").read_text())
     config["run"] = {"name": "e2e", "output_dir": str(tmp_path / "runs" / "e2e"), "seed": 0}
+    if cold_start:
+        config["sft"].update(
+            max_examples=2, batch_size=2, max_tokens=2000, output_root=str(tmp_path / "models")
+        )
+    else:
+        del config["sft"]
     config["model"].update(path=str(model_dir), max_response_tokens=16, max_prompt_tokens=2048)
     config["rewards"][0]["launch"]["replicas"] = correctness_replicas
     config["rollout"].update(prompts_per_batch=2, max_backlog=6)
@@ -126,3 +134,69 @@ def settled_cpus(pid: int, expected: str, timeout: float = 15.0) -> str:
     while (current := allowed_cpus(pid)) != expected and time.monotonic() < deadline:
         time.sleep(0.05)
     return current
+
+
+TOY_PROMPTS = 64
+
+
+def toy_learning_config(
+    tmp_path: Path, model_dir: Path, *, steps: int, publish_every: int = 1, seed: int = 0
+) -> Path:
+    """The learning task: the toy character policy (gd2po.models.build_toy_policy) answering short
+    letter strings, scored by two generic reward services — ``short`` (closeness to 2 characters: learnt
+    by ending the answer early) and ``vowel`` (the answer starts with a vowel: learnt by one logit of
+    the first token). Both vary within a group from the first step, neither is reachable by chance
+    alone, and they pull slightly against each other (a vowel is a character), so GD²PO filters some
+    rollouts. ``publish_every=0`` is the control: the trainer trains but the rollout never sees it."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = tmp_path / "toy_prompts.jsonl"
+    with prompts.open("w") as out:
+        for _ in range(TOY_PROMPTS):
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(4, 12)))
+            out.write(json.dumps({"prompt": text.strip() or "a"}) + "\n")
+    config = {
+        "run": {"name": "learning", "output_dir": str(tmp_path / "runs" / "learning"), "seed": seed},
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "max_prompt_tokens": 32,
+            "max_response_tokens": 16,
+        },
+        "data": {"train_files": [str(prompts)], "prompt_field": "prompt", "label_field": None},
+        "rewards": [
+            {
+                "name": "short",
+                "url": "http://127.0.0.1:1",
+                "launch": {
+                    "scorer": "generic.length_target",
+                    "options": {"target": 2, "tolerance": 16, "unit": "chars"},
+                },
+            },
+            {
+                "name": "vowel",
+                "url": "http://127.0.0.1:1",
+                "launch": {"scorer": "generic.regex", "options": {"pattern": "^[aeiou]"}},
+            },
+        ],
+        "rollout": {"group_size": 8, "prompts_per_batch": 8, "temperature": 1.0, "max_backlog": 8},
+        "trainer": {
+            "estimator": "gd2po_snr",
+            "prompts_per_step": 8,
+            "lr": 1e-4,
+            "total_steps": steps,
+            "max_staleness": 1,
+            "publish_every": publish_every,
+            "save_every": steps,
+            "deepspeed": {
+                "zero_optimization": {"stage": 0},
+                "gradient_clipping": 1.0,
+                "train_micro_batch_size_per_gpu": 64,
+                "gradient_accumulation_steps": 1,
+            },
+        },
+    }
+    path = tmp_path / "learning.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.engine import response_logprobs
+from trainer.engine import response_logprobs, shares_one_prompt
 from trainer.loss import entropy_from_logits, token_logprobs_from_logits
 
 
@@ -101,3 +101,54 @@ def test_a_temperature_that_is_not_positive_is_refused(model, temperature: float
     ids, attention, response = _batch([3], [2])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         response_logprobs(model, ids, attention, response, temperature=temperature)
+
+
+def _group(prompt_length: int, answer_lengths: list[int], seed: int = 3):
+    """The G rollouts of one group: the same prompt tokens, different right-padded answers."""
+    ids, attention, response = _batch([prompt_length] * len(answer_lengths), answer_lengths, seed)
+    ids[:, :prompt_length] = ids[0, :prompt_length]
+    return ids, attention, response
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_group_sharing_its_prompt_computes_it_once_with_the_same_values_and_gradients(
+    model, temperature: float
+) -> None:
+    ids, attention, response = _group(11, [4, 7, 1, 5])
+    assert shares_one_prompt(ids, attention, 10)
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    shared, entropy = response_logprobs(
+        model, ids, attention, response, temperature=temperature, entropy=True
+    )
+    handle.remove()
+    assert calls == [torch.Size([1, 11]), torch.Size([4, ids.shape[1] - 11])]  # the prompt once
+
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature
+    expected = token_logprobs_from_logits(logits, ids[:, 1:])
+    assert torch.allclose(shared * response, expected * response, atol=1e-5)
+    assert torch.allclose(entropy * response, entropy_from_logits(logits) * response, atol=1e-4)
+
+    advantages = torch.linspace(-1.0, 1.0, response.numel()).reshape(response.shape)
+    model.zero_grad()
+    (shared * response * advantages).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    scaled = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature
+    (token_logprobs_from_logits(scaled, ids[:, 1:]) * response * advantages).sum().backward()
+    for got, want in zip(shared_grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_rows_with_different_prompts_are_not_taken_for_a_group() -> None:
+    ids, attention, _ = _group(6, [2, 3])
+    assert shares_one_prompt(ids, attention, 5)
+    other = ids.clone()
+    other[1, 2] = (other[1, 2] + 1) % 97
+    assert not shares_one_prompt(other, attention, 5)
+    assert not shares_one_prompt(ids[:1], attention[:1], 5)  # one row: nothing to share
+    padded = attention.clone()
+    padded[1, 0] = 0
+    assert not shares_one_prompt(ids, padded, 5)
