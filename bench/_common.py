@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -73,3 +74,11 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
+
+
+def gd2po_up_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`gd2po up CONFIG --run-dir RUN_DIR --no-progress [extra]` with this interpreter."""
+    return [
+        *(sys.executable, "-m", "gd2po.cli", "up", str(config)),
+        *("--run-dir", str(run_dir), "--no-progress", *extra),
+    ]

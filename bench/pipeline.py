@@ -53,7 +53,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._common import ENV, load, machine, mem_available_gib, utc_now, versions, write_section
+from bench._common import (
+    ENV,
+    gd2po_up_command,
+    load,
+    machine,
+    mem_available_gib,
+    utc_now,
+    versions,
+    write_section,
+)
 from proto.config import load_config, read_config_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,17 +154,7 @@ def run_gd2po(
     synchronous, pinned = RUNS[name]
     run_dir = workdir / name
     env = {**os.environ, **ENV, "GD2PO_SYNCHRONOUS": str(synchronous).lower()}
-    command = [
-        sys.executable,
-        "-m",
-        "gd2po.cli",
-        "up",
-        str(config),
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
-    ]
-    command += PINS if pinned else ["--no-auto-pin"]
+    command = gd2po_up_command(config, run_dir, *(PINS if pinned else ["--no-auto-pin"]))
     shutil.rmtree(run_dir, ignore_errors=True)  # a re-measured run starts from an empty folder
     wait_for_memory(min_free)
     before = load()

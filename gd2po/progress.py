@@ -123,11 +123,11 @@ class _Null:
         return None
 
 
-_TQDM_STEP = re.compile(r"(\d+)/(\d+) \[")
+_TQDM_STEP = re.compile(r"sft:[^\r\n]*?(\d+)/(\d+) \[")  # trainer.sft's bar, not model loading's
 
 
 def _training_steps(log_path: Path) -> tuple[int, int] | None:
-    """(done, total) of the newest progress bar in the cold start's log (TRL's tqdm), if any."""
+    """(done, total) of the newest ``sft:`` progress bar in the cold start's log, if any."""
     try:
         with log_path.open("rb") as log:
             log.seek(0, 2)

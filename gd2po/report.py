@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from gd2po.learning import normalised_total, quarter_rise
+from gd2po.learning import MIN_STEPS, normalised_total, quarter_rise
 from gd2po.runlog import read_steps, reward_names, reward_ranges
 
 RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
@@ -69,7 +69,7 @@ def plot_ratios(steps: list[dict], path: Path) -> None:
 
 def summary_table(steps: list[dict], ranges: dict[str, tuple[float, float]] | None = None) -> Table:
     """Per signal: mean of the first and of the last quarter of steps, the run's mean, and — for the
-    rewards — the rise in pooled standard deviations (gd2po.learning: "rose" beyond 2)."""
+    rewards — the rise in pooled standard deviations (gd2po.learning: "rose" beyond 2, from 16 steps on)."""
     table = Table(title=f"Run summary ({len(steps)} steps)")
     for column in ("signal", "first ¼", "last ¼", "mean", "rise (pooled sd)"):
         table.add_column(column, justify="left" if column == "signal" else "right", no_wrap=True)
@@ -88,7 +88,7 @@ def summary_table(steps: list[dict], ranges: dict[str, tuple[float, float]] | No
         rise = ""
         if key.startswith("reward") and len(values) >= 8:
             verdict = quarter_rise(values)
-            rise = f"{verdict.in_sd:+.1f}" + (" rose" if verdict.rose() else "")
+            rise = f"{verdict.in_sd:+.1f}" + (" rose" if verdict.rose() and len(values) >= MIN_STEPS else "")
         table.add_row(key, f"{first:.4f}", f"{last:.4f}", f"{sum(values) / len(values):.4f}", rise)
     return table
 

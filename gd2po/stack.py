@@ -176,15 +176,16 @@ class Stack:
         token = os.environ.get("GD2PO_AUTH__TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         infos = {}
-        with httpx.Client(timeout=5.0, headers=headers) as client:
+        with httpx.Client(timeout=2.0, headers=headers) as client:
             for reward in rewards:
                 url = reward["url"][0] if isinstance(reward["url"], list) else reward["url"]
                 try:
                     response = client.get(f"{url.rstrip('/')}/v1/info")
                 except httpx.HTTPError:
                     continue
-                if response.status_code == 200:
-                    infos[reward["name"]] = response.json()
+                with contextlib.suppress(ValueError):  # a 200 that is not JSON: no range, no abort
+                    if response.status_code == 200:
+                        infos[reward["name"]] = response.json()
         (self.run_dir / REWARDS_FILE).write_text(json.dumps(infos, indent=2))
 
     def _cold_start(self) -> None:
@@ -194,6 +195,7 @@ class Stack:
             return
         report = self.run_dir / "sft.json"
         report.unlink(missing_ok=True)
+        (self.run_dir / "logs" / "sft.log").unlink(missing_ok=True)  # progress reads this start's bar only
         child = Child(
             name="sft",
             command=[

@@ -85,8 +85,8 @@ class DataConfig(_Section):
 
 
 class SFTConfig(_Section):
-    """Cold start before RL: supervised fine-tuning of ``model.path`` on reference answers (TRL's
-    SFTTrainer, loss on the answer tokens only). ``gd2po up`` runs it once as its own process and caches
+    """Cold start before RL: supervised fine-tuning of ``model.path`` on reference answers (``python -m
+    trainer.sft``: the trainer's DeepSpeed engine, loss on the answer tokens only, at temperature 1). ``gd2po up`` runs it once as its own process and caches
     the result under ``output_root`` by a key of the base model, the data and these settings; the rollout
     and the trainer then start from it (and a KL reference defaults to it). Examples whose prompt and
     answer exceed ``max_tokens`` are left out, never cut."""
@@ -205,7 +205,9 @@ class TrainerConfig(_Section):
     skip_idle_rows: bool = True
     # The G rollouts of a group share their prompt: forward it once per group with gradients and run the
     # responses on its cache (same values and gradients; on ~600-token prompts about a third of the work).
-    # Off automatically under multi-rank ZeRO-3.
+    # A micro-batch then holds whole groups (those of ⌈groups / accumulation steps⌉), so its memory is one
+    # prompt + G responses per group rather than train_micro_batch_size rows: turn it off if a group's
+    # responses do not fit. Off by itself under multi-rank ZeRO-3 (ranks must run equal forwards).
     share_prompt_forward: bool = True
     max_staleness: int = Field(default=2, ge=0)
     total_steps: int = Field(default=10, ge=1)

@@ -11,27 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from proto import ChatMessage, PromptRecord
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        return pajson.read_json(path).to_pylist()
-    raise ValueError(f"{path}: unsupported dataset format (use .parquet or .jsonl)")
-
-
-def _dotted(row: dict[str, Any], path: str) -> Any:
-    value: Any = row
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"field {path!r} not found (missing {part!r})")
-        value = value[part]
-    return value
+from proto.records import get_field, read_rows
 
 
 def _messages(value: Any, field: str) -> list[ChatMessage]:
@@ -88,12 +70,12 @@ class PromptSource:
     def __init__(self, files: list[Path], *, prompt_field: str, label_field: str | None, seed: int):
         self.records: list[PromptRecord] = []
         for path in files:
-            for row_index, row in enumerate(_read_rows(Path(path))):
-                label = _dotted(row, label_field) if label_field else None
+            for row_index, row in enumerate(read_rows(Path(path))):
+                label = get_field(row, label_field) if label_field else None
                 self.records.append(
                     PromptRecord(
                         prompt_id=f"{Path(path).stem}:{row_index}",
-                        messages=_messages(_dotted(row, prompt_field), prompt_field),
+                        messages=_messages(get_field(row, prompt_field), prompt_field),
                         label=None if label is None else str(label),
                         data_source=str(row.get("data_source", "")),
                     )

@@ -88,6 +88,9 @@ class PolicyEngine:
         if config.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        # from_pretrained returns eval mode; training mode makes gradient checkpointing (when configured)
+        # take effect. These models use no dropout, so log-probs are the same in both modes.
+        model.train()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -123,6 +126,7 @@ class PolicyEngine:
         response_mask: torch.Tensor,
         *,
         entropy: bool = False,
+        share_prompt: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the current policy at the sampling temperature
         (``rollout.temperature``), [n, L−1] float32 (see ``response_logprobs``)."""
@@ -133,6 +137,7 @@ class PolicyEngine:
             response_mask,
             temperature=self.temperature,
             entropy=entropy,
+            share_prompt=share_prompt,
         )
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -181,6 +186,7 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     entropy: bool = False,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π_T(token t+1 | ≤ t) for every target position t, [n, L−1] float32, zero before the batch's
     first response target; with ``entropy`` also π_T's entropy at those positions (else None).
@@ -192,13 +198,17 @@ def response_logprobs(
 
     The LM head runs only from the first response target on (``logits_to_keep``): no loss term reads a
     prompt position, and on the demo (~830-token prompts, 96-token answers, 49k vocabulary) the
-    prompt's logits were most of the activation memory of a forward."""
+    prompt's logits were most of the activation memory of a forward.
+
+    ``share_prompt``: the caller vouches that the rows may be one group; when they really share their
+    prompt (:func:`shares_one_prompt`) it is forwarded once. Callers decide, never the data alone: under
+    multi-rank ZeRO-3 every rank must run the same number of forwards."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     targets = response_mask.shape[1]
     active = response_mask.any(dim=0).nonzero()
     first = int(active[0]) if active.numel() else targets
-    if shares_one_prompt(input_ids, attention_mask, first):
+    if share_prompt and shares_one_prompt(input_ids, attention_mask, first) and not _checkpointing(model):
         logits = _logits_after_shared_prompt(model, input_ids, attention_mask, first)
     else:
         logits = model(
@@ -209,6 +219,12 @@ def response_logprobs(
     logprobs = token_logprobs_from_logits(logits, input_ids[:, first + 1 :])
     pad = torch.nn.functional.pad
     return pad(logprobs, (first, 0)), pad(entropy_from_logits(logits), (first, 0)) if entropy else None
+
+
+def _checkpointing(model: Any) -> bool:
+    """Gradient checkpointing in effect: Hugging Face then drops the KV cache the shared path needs."""
+    module = getattr(model, "module", model)
+    return bool(getattr(module, "is_gradient_checkpointing", False) and module.training)
 
 
 def shares_one_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from importlib.metadata import version
@@ -30,23 +31,46 @@ from typing import Any
 import blake3
 
 from proto.config import ExperimentConfig, SFTConfig
+from proto.records import get_field, read_rows
 from proto.weights import weights_digest
 
 log = logging.getLogger("trainer.sft")
 INFO_FILE = "sft_info.json"
 
 
+# Bump when the training recipe changes (loss, batching, optimizer use): a new key, a new model.
+RECIPE_VERSION = 1
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+
+
 def cache_key(config: ExperimentConfig) -> str:
-    """16 hex digits identifying (base weights, training data, SFT settings, library versions)."""
+    """16 hex digits over everything that changes the cold-start model: the base weights and tokenizer
+    (chat template included), every training file's bytes, the ``sft`` settings, the dtype and weight
+    decay the engine trains with, the library versions and :data:`RECIPE_VERSION`."""
     sft = _require(config)
+    base = Path(config.model.path)
     digest = blake3.blake3()
-    digest.update(weights_digest(config.model.path).encode())
+    digest.update(weights_digest(base).encode())
+    for name in _TOKENIZER_FILES:
+        if (base / name).is_file():
+            digest.update(name.encode())
+            digest.update((base / name).read_bytes())
     for path in sft.train_files:
         digest.update(Path(path).name.encode())
         digest.update(Path(path).read_bytes())
     settings = sft.model_dump(mode="json", exclude={"output_root", "train_files"})
+    settings |= {
+        "dtype": config.model.dtype,
+        "weight_decay": config.trainer.weight_decay,
+        "recipe": RECIPE_VERSION,
+    }
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for package in ("torch", "transformers", "trl"):
+    for package in ("torch", "transformers", "deepspeed"):
         digest.update(f"{package}=={version(package)}".encode())
     return digest.hexdigest()[:16]
 
@@ -67,15 +91,6 @@ def _require(config: ExperimentConfig) -> SFTConfig:
     return config.sft
 
 
-def _dotted(row: dict[str, Any], path: str) -> Any:
-    value: Any = row
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"field {path!r} not found (missing {part!r})")
-        value = value[part]
-    return value
-
-
 def _messages(value: Any) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -83,23 +98,19 @@ def _messages(value: Any) -> list[dict[str, str]]:
 
 
 def load_examples(config: ExperimentConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Prompt–completion examples in TRL's conversational form, shuffled with ``sft.seed``; those whose
+    """Prompt–completion examples as chat messages, shuffled with ``sft.seed``; those whose
     chat-templated prompt + answer exceed ``sft.max_tokens`` are dropped (counted), then the first
     ``sft.max_examples`` are kept. Returns (examples, counts)."""
-    import datasets
     import numpy as np
 
     sft = _require(config)
-    rows: list[dict[str, Any]] = []
-    for path in sft.train_files:
-        kind = "parquet" if Path(path).suffix == ".parquet" else "json"
-        rows.extend(datasets.load_dataset(kind, data_files=str(path), split="train").to_list())
+    rows: list[dict[str, Any]] = [row for path in sft.train_files for row in read_rows(path)]
     order = np.random.default_rng(sft.seed).permutation(len(rows))
     examples, too_long = [], 0
     for index in order:
         row = rows[int(index)]
-        prompt = _messages(_dotted(row, sft.prompt_field))
-        answer = str(_dotted(row, sft.completion_field))
+        prompt = _messages(get_field(row, sft.prompt_field))
+        answer = str(get_field(row, sft.completion_field))
         rendered = tokenizer.apply_chat_template(
             [*prompt, {"role": "assistant", "content": answer}], tokenize=False
         )
@@ -139,7 +150,9 @@ def _sft_engine_config(config: ExperimentConfig) -> ExperimentConfig:
             },
         }
     )
-    return config.model_copy(update={"trainer": trainer})
+    # SFT fits the model's own distribution: log-probs at temperature 1, whatever the rollout samples at.
+    rollout = config.rollout.model_copy(update={"temperature": 1.0})
+    return config.model_copy(update={"trainer": trainer, "rollout": rollout})
 
 
 def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
@@ -162,7 +175,7 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     examples, counts = load_examples(config, tokenizer)
     passes = max(1, round(sft.epochs * len(examples)))
-    steps = max(1, passes // sft.batch_size)
+    steps = -(-passes // sft.batch_size)  # every example of an epoch is seen: the last step wraps around
     log.info(
         "SFT on %d examples (%d rows, %d longer than %d tokens left out): %d optimizer steps of %d, lr %g",
         counts["used"],
@@ -192,7 +205,8 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             total += loss.item() / sft.batch_size
         losses.append(total)
-    staging = target.with_name(f".{target.name}.partial")
+    # A staging folder of this process only; a complete target written meanwhile by another run wins.
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     engine.module.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
@@ -207,7 +221,11 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
         "seconds": round(time.time() - started, 1),
     }
     (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
+    if is_complete(target):
+        shutil.rmtree(staging)
+        log.info("another run finished the same cold start first: %s", target)
+        return target, True
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no info file)
     staging.rename(target)
     log.info(
         "cold start saved: %s (%d steps, loss %.3f → %.3f, %.0f s)",

@@ -72,6 +72,7 @@ def _policy_logprobs(
             batch.attention_mask[members],
             batch.response_mask[members],
             entropy=entropy,
+            share_prompt=True,
         )
         for members in torch.split(
             rows, torch.unique_consecutive(batch.group_index[rows], return_counts=True)[1].tolist()

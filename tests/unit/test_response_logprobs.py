@@ -121,7 +121,7 @@ def test_a_group_sharing_its_prompt_computes_it_once_with_the_same_values_and_gr
         lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
     shared, entropy = response_logprobs(
-        model, ids, attention, response, temperature=temperature, entropy=True
+        model, ids, attention, response, temperature=temperature, entropy=True, share_prompt=True
     )
     handle.remove()
     assert calls == [torch.Size([1, 11]), torch.Size([4, ids.shape[1] - 11])]  # the prompt once
@@ -152,3 +152,25 @@ def test_rows_with_different_prompts_are_not_taken_for_a_group() -> None:
     padded = attention.clone()
     padded[1, 0] = 0
     assert not shares_one_prompt(ids, padded, 5)
+
+
+def test_the_shared_path_is_taken_only_when_the_caller_asks(model) -> None:
+    ids, attention, response = _group(8, [3, 2])
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    response_logprobs(model, ids, attention, response)
+    handle.remove()
+    assert len(calls) == 1  # one full forward: the data alone never changes the number of forwards
+
+
+def test_gradient_checkpointing_falls_back_to_full_forwards(model) -> None:
+    ids, attention, response = _group(8, [3, 2])
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        checkpointed, _ = response_logprobs(model, ids, attention, response, share_prompt=True)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    expected = _full(model, ids, attention)
+    assert torch.allclose(checkpointed * response, expected * response, atol=1e-5)
