@@ -139,8 +139,8 @@ class Stack:
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._cold_start()
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self._cold_start()
         self._start_redis()
         rewards = self._start_rewards()
         shared = {"GD2PO_REWARDS": json.dumps(rewards)}
@@ -218,11 +218,9 @@ class Stack:
                 f"the cold start (sft) exited with code {child.exit_code()}; last lines of "
                 f"{child.log_path}:\n{child.log_tail()}"
             )
-        model_path = Path(json.loads(report.read_text())["model_path"])
-        self.model_override = str(model_path)
-        self.config = self.config.model_copy(
-            update={"model": self.config.model.model_copy(update={"path": model_path})}
-        )
+        # Children get the cold start through the environment; config.yaml keeps the base model and the
+        # sft section, so rerunning it reproduces the run (the cache answers) instead of SFT on SFT.
+        self.model_override = json.loads(report.read_text())["model_path"]
 
     def _write_manifest(self) -> None:
         """services.json: where every child listens and its pid, for operators and tests."""

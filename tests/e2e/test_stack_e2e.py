@@ -84,7 +84,7 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     # The cold start ran first and the rollout and trainer start from its model.
     cold_start = Path(json.loads((run_dir / "sft.json").read_text())["model_path"])
     assert cold_start.parent == tmp_path / "models" and (cold_start / "sft_info.json").is_file()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"] == str(cold_start)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"] == str(tiny_model_dir)
     # Asynchronous and no --pin: the cores are split between the rollout side and the trainer.
     split = split_cores(sorted(os.sched_getaffinity(0)), synchronous=False)
     for service in manifest["services"]:
@@ -106,6 +106,7 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
         assert all(0 <= s[key] <= 1 or key.startswith("reward_mean/correctness") for s in logged), key
     for artefact in ("config.yaml", "rewards.png", "filter_ratios.png", "summary.txt", "logs/rollout.log"):
         assert (run_dir / artefact).is_file(), artefact
+    assert f"model='{cold_start}'" in (run_dir / "logs" / "rollout.log").read_text()  # served the cold start
     # Each reward's /v1/info is kept, so the report puts them on one scale.
     infos = json.loads((run_dir / "rewards.json").read_text())
     assert infos["correctness"]["range"] == [-3.0, 3.0] and infos["format"]["range"] == [0.0, 1.0]
