@@ -29,15 +29,31 @@ def init_distributed() -> None:
         ("MASTER_ADDR", "127.0.0.1"),
     ):
         os.environ.setdefault(name, default)
-    if dist.is_initialized():
-        return
-    if "MASTER_PORT" not in os.environ:
-        from socket import socket
+    if not dist.is_initialized():
+        if "MASTER_PORT" not in os.environ:
+            from socket import socket
 
-        with socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            with socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _forget_stale_deepspeed_world()
+
+
+def _forget_stale_deepspeed_world() -> None:
+    """DeepSpeed caches a clone of the world group once per process (``deepspeed.utils.groups``). When
+    that world was torn down since — an in-process vLLM engine destroys the world it created when it
+    shuts down — the clone is unregistered and ``deepspeed.initialize`` fails with "Group … is not
+    registered": drop it so DeepSpeed clones the current world."""
+    from deepspeed.utils import groups
+
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    if cached is None:
+        return
+    try:
+        dist.get_global_rank(cached, 0)
+    except (ValueError, RuntimeError):
+        groups._WORLD_GROUP = None
 
 
 def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
