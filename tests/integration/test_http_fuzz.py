@@ -19,6 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live_server import serve
+from openapi_tools import homogeneous_tuples
 from rollout_stub import stub_rollout_app
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -190,19 +191,6 @@ def test_report_fuzz_statuses() -> None:
     """Prints how many cases each service answered with each status (run with -s to see it)."""
     print("fuzz statuses:", dict(sorted(STATUSES.items())), "total:", sum(STATUSES.values()))
     assert not any(code >= 500 and code != 503 for _, code in STATUSES)
-
-
-def homogeneous_tuples(node):
-    """``prefixItems`` of identical items → plain ``items`` (see test_reward_service_schemathesis)."""
-    if isinstance(node, list):
-        return [homogeneous_tuples(child) for child in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: homogeneous_tuples(value) for key, value in node.items()}
-    prefix = node.get("prefixItems")
-    if prefix and "items" not in node and all(item == prefix[0] for item in prefix):
-        node["items"] = node.pop("prefixItems")[0]
-    return node
 
 
 rollout_schema = schemathesis.openapi.from_dict(

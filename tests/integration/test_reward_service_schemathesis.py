@@ -12,6 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from live_server import serve
+from openapi_tools import homogeneous_tuples
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -30,23 +31,6 @@ def build_app():
     # Small limits so generated batches and bodies also reach the 413 paths.
     limits = ServiceSettings(max_batch_items=8, max_body_bytes=4096)
     return create_app(build_scorer("tool_call.correctness"), limits)
-
-
-def homogeneous_tuples(node):
-    """``prefixItems`` of identical items → plain ``items`` (same meaning, as min/maxItems stay).
-
-    Works around schemathesis 4.32.5, which rewrites ``prefixItems`` of OpenAPI 3.1 response schemas
-    into draft-4 ``items: [...]`` and then rejects that under its Draft 2020-12 validator.
-    """
-    if isinstance(node, list):
-        return [homogeneous_tuples(child) for child in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: homogeneous_tuples(value) for key, value in node.items()}
-    prefix = node.get("prefixItems")
-    if prefix and "items" not in node and all(item == prefix[0] for item in prefix):
-        node["items"] = node.pop("prefixItems")[0]
-    return node
 
 
 RAW_SCHEMA = build_app().openapi()
