@@ -58,16 +58,21 @@ def _variance(values: Sequence[float]) -> float:
     return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
+def quarters(values: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The first and the last quarter of ``values`` (at least one value each)."""
+    quarter = max(1, len(values) // 4)
+    return list(values[:quarter]), list(values[-quarter:])
+
+
 def quarter_rise(values: Sequence[float]) -> Rise:
     """Compare the first and last quarter of ``values`` (per-step means, in step order).
 
     Raises ValueError with fewer than 8 values (each quarter needs two steps for a variance)."""
     if len(values) < 8:
         raise ValueError(f"need at least 8 steps to compare quarters, got {len(values)}")
-    quarter = len(values) // 4
-    head, tail = list(values[:quarter]), list(values[-quarter:])
+    head, tail = quarters(values)
     pooled = math.sqrt((_variance(head) + _variance(tail)) / 2)
-    return Rise(sum(head) / quarter, sum(tail) / quarter, pooled, quarter)
+    return Rise(sum(head) / len(head), sum(tail) / len(tail), pooled, len(head))
 
 
 def normalised_total(

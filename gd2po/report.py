@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from gd2po.learning import MIN_STEPS, normalised_total, quarter_rise
+from gd2po.learning import MIN_STEPS, normalised_total, quarter_rise, quarters
 from gd2po.runlog import read_steps, reward_names, reward_ranges
 
 RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
@@ -83,8 +83,8 @@ def summary_table(steps: list[dict], ranges: dict[str, tuple[float, float]] | No
     for key, values in rows.items():
         if not values:
             continue
-        quarter = max(1, len(values) // 4)
-        first, last = sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+        head, tail = quarters(values)
+        first, last = sum(head) / len(head), sum(tail) / len(tail)
         rise = ""
         if key.startswith("reward") and len(values) >= 8:
             verdict = quarter_rise(values)

@@ -93,7 +93,6 @@ class Stack:
     lost: list[Service] = field(default_factory=list)
     show_progress: bool = True
     model_override: str | None = None  # the cold start's model, when the config has an sft section
-    cold_start: Child | None = None
 
     @property
     def trainer(self) -> Child:
@@ -205,7 +204,6 @@ class Stack:
             log_path=self.run_dir / "logs" / "sft.log",
             env=self.base_env(),
         ).start(cwd=self.repo_root)
-        self.cold_start = child
         try:
             with cold_start_progress(child.log_path, show=self.show_progress) as tick:
                 while child.exit_code() is None:

@@ -75,10 +75,11 @@ def cache_key(config: ExperimentConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def output_dir(config: ExperimentConfig) -> Path:
-    """Where the cold-start model for this config lives (whether or not it exists yet)."""
+def output_dir(config: ExperimentConfig, key: str | None = None) -> Path:
+    """Where the cold-start model for this config lives (whether or not it exists yet); ``key`` is
+    :func:`cache_key` when the caller already has it (it reads the base weights and the data)."""
     sft = _require(config)
-    return Path(sft.output_root) / f"{Path(config.model.path).name}-sft-{cache_key(config)}"
+    return Path(sft.output_root) / f"{Path(config.model.path).name}-sft-{key or cache_key(config)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -167,7 +168,8 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
     from trainer.engine import PolicyEngine
 
     sft = _require(config)
-    target = output_dir(config)
+    key = cache_key(config)
+    target = output_dir(config, key)
     if is_complete(target):
         log.info("cold start cached: %s", target)
         return target, True
@@ -187,8 +189,7 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
         sft.lr,
     )
     torch.manual_seed(sft.seed)
-    engine = PolicyEngine(_sft_engine_config(config))
-    engine.module.train()
+    engine = PolicyEngine(_sft_engine_config(config))  # in training mode, as for RL
     losses: list[float] = []
     for step in tqdm(range(steps), desc="sft", unit="step", mininterval=1.0):
         total = 0.0
@@ -211,7 +212,7 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
     engine.module.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     info = {
-        "key": cache_key(config),
+        "key": key,
         "base_model": str(config.model.path),
         "train_files": [str(p) for p in sft.train_files],
         "settings": sft.model_dump(mode="json", exclude={"output_root", "train_files"}),
