@@ -65,6 +65,19 @@ def placement(
     return affinity, threads
 
 
+def single_rank_rendezvous() -> dict[str, str]:
+    """torch.distributed variables for a one-process trainer (or cold start) that ``gd2po up`` starts: a
+    rendezvous port of its own rather than whatever the calling shell or process exported — an inherited
+    MASTER_PORT still held by its owner fails the child with EADDRINUSE."""
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+
+
 class StackError(RuntimeError):
     """A service failed to start or died; the message carries the tail of its log."""
 
@@ -150,7 +163,12 @@ class Stack:
             "trainer",
             "trainer",
             ["--resume"] if self.resume else [],
-            {**shared, "GD2PO_TRAINER__METRICS_PORT": str(trainer_port), "GD2PO_TRAINER__HOST": "127.0.0.1"},
+            {
+                **shared,
+                **single_rank_rendezvous(),
+                "GD2PO_TRAINER__METRICS_PORT": str(trainer_port),
+                "GD2PO_TRAINER__HOST": "127.0.0.1",
+            },
             f"{self.trainer_url}/readyz",
         )
         self._spawn(
@@ -202,7 +220,7 @@ class Stack:
                 *("--report", str(report)),
             ],
             log_path=self.run_dir / "logs" / "sft.log",
-            env=self.base_env(),
+            env={**self.base_env(), **single_rank_rendezvous()},
         ).start(cwd=self.repo_root)
         try:
             with cold_start_progress(child.log_path, show=self.show_progress) as tick:
