@@ -156,11 +156,19 @@ class PolicyEngine:
             share_prompt=share_prompt,
         )
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Accumulate ``loss``'s gradient; ``last`` marks the final micro-batch of an optimizer step.
+
+        The caller owns the accumulation boundary (DeepSpeed's manual override) rather than DeepSpeed's
+        micro-step counter, because a step has as many micro-batches as it has rows to train — often
+        fewer than ``gradient_accumulation_steps`` after the conflict filter — and padding up to the
+        configured count cost a full backward per empty micro-batch. DeepSpeed still divides each loss by
+        ``gradient_accumulation_steps`` (callers scale by it, see ``trainer.step``)."""
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
     def step(self) -> None:
-        """Optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)."""
+        """After every ``backward``: an optimizer step when that backward was ``last``, else bookkeeping."""
         self.engine.step()
 
     def grad_norm(self) -> float:

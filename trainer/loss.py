@@ -28,6 +28,7 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    stats_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss = agg(pg) + kl_coef·agg(KL to ref) − entropy_coef·agg(entropy), plus stats.
 
@@ -39,9 +40,10 @@ def policy_loss(
     KL to `ref_logprobs` is the low-variance k3 estimator exp(ref − logπ) − (ref − logπ) − 1, clamped
     to [0, 10]. Only `logprobs` and `entropy` receive gradients; the other inputs are detached.
 
-    Stats (token means over valid tokens): pg_loss (aggregated like the loss), clip_frac (tokens where
-    the ratio clip is active), dual_clip_frac, approx_kl (k3 against the old policy), kl_ref (0 without
-    a reference), entropy (0 without one), ratio_mean.
+    Stats: pg_loss (aggregated like the loss), and token means over the tokens of `stats_mask` (default
+    `response_mask`; ``trainer.step.train_on`` narrows it to the rows that train): clip_frac (tokens
+    where the ratio clip is active), dual_clip_frac, approx_kl (k3 against the old policy), kl_ref (0
+    without a reference), entropy (0 without one), ratio_mean.
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown agg {agg!r}; known: {', '.join(AGGREGATIONS)}")
@@ -54,7 +56,7 @@ def policy_loss(
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     named = {"old_logprobs": old_logprobs, "advantages": advantages, "response_mask": response_mask}
-    named |= {"ref_logprobs": ref_logprobs, "entropy": entropy}
+    named |= {"ref_logprobs": ref_logprobs, "entropy": entropy, "stats_mask": stats_mask}
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != logprobs.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, logprobs {tuple(logprobs.shape)}")
@@ -74,7 +76,7 @@ def policy_loss(
         pg = torch.where(dual_active, cap, pg)
 
     aggregate = _aggregator(mask, agg)
-    token_mean = _aggregator(mask, "token-mean")
+    token_mean = _aggregator(mask if stats_mask is None else stats_mask.to(mask.dtype), "token-mean")
     pg_loss = aggregate(pg)
     loss = pg_loss
     kl_ref = torch.zeros(())

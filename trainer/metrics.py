@@ -26,9 +26,10 @@ SCALARS = {
     "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
     "tokens_per_second": "Trained tokens per second of step time",
     "rows_trained": "Rollouts forwarded per optimizer step (rows with an all-zero advantage are skipped)",
+    "optimizer_steps": "Optimizer steps in the last trainer step (0 when no rollout had a gradient)",
     "queue_depth": "Groups waiting in the stream for the trainer",
     "deadletter_depth": "Entries in the dead-letter stream",
-    "step": "Last completed optimizer step",
+    "step": "Last completed trainer step",
     "policy_version": "Version of the last published policy",
     "last_step_timestamp_seconds": "Unix time of the last completed step",
 }

@@ -30,7 +30,7 @@ from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
-from trainer.step import advantages_for, group_keep_ratios, train_on
+from trainer.step import advantages_for, train_on
 
 log = logging.getLogger("trainer")
 
@@ -186,8 +186,7 @@ class Trainer:
 
         tick = time.perf_counter()
         batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
-        advantages, signals = advantages_for(batch, self.config)
-        keep_ratios = group_keep_ratios(advantages, batch)
+        advantages, signals, group_keep = advantages_for(batch, self.config)
         advantage_time = time.perf_counter() - tick
 
         shard = _shard(batch.size)
@@ -236,7 +235,7 @@ class Trainer:
         if consumer is not None:
             record["queue_depth"] = consumer.queue_depth()
             record["deadletter_depth"] = consumer.deadletter_depth()
-        self.metrics.record(record, keep_ratios)
+        self.metrics.record(record, group_keep.tolist())
         return record
 
 

@@ -202,8 +202,8 @@ def run_sft(config: ExperimentConfig) -> tuple[Path, bool]:
             mask[0, len(prompt_ids) - 1 :] = 1.0  # targets: every answer token, end-of-turn included
             logprobs, _ = engine.token_logprobs(ids, torch.ones_like(ids), mask)
             loss = -(logprobs * mask).sum() / mask.sum()
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            engine.backward(loss, last=micro == sft.batch_size - 1)
+            engine.step()  # the optimizer steps after the batch's last micro-batch only
             total += loss.item() / sft.batch_size
         losses.append(total)
     # A staging folder of this process only; a complete target written meanwhile by another run wins.

@@ -9,14 +9,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from proto.config import ExperimentConfig
-from trainer.algorithms import compute_advantages
+from proto.config import ExperimentConfig, TrainerConfig
+from trainer.algorithms import AdvantageEstimate, compute_advantages
 from trainer.batching import TrainBatch
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.loss import policy_loss
 
 
-def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> AdvantageEstimate:
+    """The configured estimator on a built batch (``compute_advantages`` with the trainer's settings)."""
     trainer = config.trainer
     return compute_advantages(
         trainer.estimator,
@@ -32,15 +33,6 @@ def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> tuple[torch.T
         filter=trainer.filter,
         reward_names=config.reward_names,
     )
-
-
-def group_keep_ratios(advantages: torch.Tensor, batch: TrainBatch) -> list[float]:
-    """Per-group fraction of rollouts that train (a dropped rollout has an all-zero advantage row)."""
-    trains = (advantages != 0).any(dim=1).to(torch.float64)
-    groups = int(batch.group_index.max()) + 1
-    kept = torch.zeros(groups, dtype=torch.float64).index_add_(0, batch.group_index, trains)
-    sizes = torch.bincount(batch.group_index, minlength=groups).to(torch.float64)
-    return (kept / sizes).tolist()
 
 
 def _micro_batches(
@@ -82,11 +74,28 @@ def _policy_logprobs(
     return logprobs, torch.cat([p[1] for p in parts]) if entropy else None
 
 
-def _weight(batch: TrainBatch, rows: torch.Tensor, total: float, agg: str) -> float:
-    """This micro-batch's share of the mini-batch's aggregation denominator."""
-    mask = batch.response_mask[rows]
-    part = float(mask.sum()) if agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
-    return part / total if total > 0 else 0.0
+def _denominator(mask: torch.Tensor, agg: str) -> float:
+    """The aggregation's denominator for these rows: valid tokens, or sequences with one."""
+    return float(mask.sum()) if agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
+
+
+def _rows_that_train(advantages: torch.Tensor, trainer: TrainerConfig) -> torch.Tensor:
+    """[N] bool: rows with a gradient. Without a KL or entropy term a row whose advantage is 0 on every
+    token (dropped by the conflict filter, or a group without variance) adds exactly nothing: its PPO
+    term is −0·ratio. Loss statistics average over these rows whether idle rows are forwarded or not."""
+    if trainer.kl_coef or trainer.entropy_coef:
+        return torch.ones(advantages.shape[0], dtype=torch.bool)
+    return (advantages != 0).any(dim=1)
+
+
+def _agreed_count(count: int) -> int:
+    """The most micro-batches any rank has. Every rank must call backward as often as the others (ZeRO
+    reduces gradients collectively), so a rank with fewer pads with empty ones."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return count
+    most = torch.tensor([count])
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
 
 
 def _frozen_logprobs(
@@ -112,8 +121,15 @@ def train_on(
 ) -> dict[str, float]:
     """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times.
 
-    Loss statistics average over the rows that train (idle rows are skipped, see ``skip_idle_rows``,
-    unless a KL or entropy term gives them a gradient); ``rows_trained`` is the mean number of rows
+    A mini-batch has as many micro-batches as it has rows to forward (at most the configured
+    ``gradient_accumulation_steps``), and one with no row that trains skips its optimizer step
+    altogether: with AdamW a zero-gradient step would still move the weights (momentum from earlier
+    steps, decoupled weight decay) — an update no data asked for — and cost a full backward. The
+    optimizer state and learning-rate schedule stay as they were; ``optimizer_steps`` counts the steps
+    taken. Loss statistics (ratio_mean, approx_kl, clip fractions, entropy) are token means over the rows
+    that train (``_rows_that_train``), so ``skip_idle_rows`` changes what is forwarded, never what is
+    reported; ``pg_loss``/``loss`` is the optimised objective, whose aggregation counts every valid
+    token of the mini-batch (idle rows add 0 to it). ``rows_trained`` is the mean number of rows
     forwarded per optimizer step."""
     trainer = config.trainer
     if trainer.kl_coef and reference is None:
@@ -125,7 +141,7 @@ def train_on(
     if trainer.recompute_old_logprobs:
         old_logprobs = _frozen_logprobs(engine, batch, max(batch.size, 1))
     ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
-    skip_idle = trainer.skip_idle_rows and not (trainer.kl_coef or trainer.entropy_coef)
+    trains = _rows_that_train(advantages, trainer)
     accumulation = engine.accumulation_steps
     # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
     by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
@@ -136,17 +152,18 @@ def train_on(
     for _ in range(trainer.ppo_epochs):
         order = torch.randperm(batch.size, generator=generator)
         for mini in torch.tensor_split(order, trainer.mini_batches):
-            mask = batch.response_mask[mini]
-            total = (
-                float(mask.sum()) if trainer.loss_agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
-            )
-            if skip_idle:  # the denominator above still counts them: same gradient
-                mini = mini[(advantages[mini] != 0).any(dim=1)]
-            rows_trained += mini.numel()
+            total = _denominator(batch.response_mask[mini], trainer.loss_agg)
+            stats_total = float(batch.response_mask[mini[trains[mini]]].sum())
+            if trainer.skip_idle_rows:  # the denominator above still counts them: same gradient
+                mini = mini[trains[mini]]
             micro_rows = _micro_batches(mini, accumulation, batch.group_index if by_group else None)
-            # DeepSpeed steps after exactly `accumulation` backward calls; pad with empty work if short.
-            for index in range(accumulation):
+            count = _agreed_count(len(micro_rows))
+            if count == 0:
+                continue  # nothing trains on any rank: no optimizer step (see the docstring)
+            rows_trained += mini.numel()
+            for index in range(count):
                 rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
+                last = index == count - 1
                 tick = time.perf_counter()
                 if rows.numel():
                     logprobs, entropy = _policy_logprobs(
@@ -165,13 +182,19 @@ def train_on(
                         kl_coef=trainer.kl_coef,
                         entropy=entropy,
                         entropy_coef=trainer.entropy_coef,
+                        stats_mask=batch.response_mask[rows] * trains[rows, None],
                     )
-                    share = _weight(batch, rows, total, trainer.loss_agg)
-                    engine.backward(loss * share * accumulation)  # DeepSpeed divides by `accumulation`
+                    share = _denominator(batch.response_mask[rows], trainer.loss_agg) / total
+                    # DeepSpeed divides every micro-batch loss by `accumulation`: undo it, the shares
+                    # already make the micro-batches add up to the mini-batch's aggregation.
+                    engine.backward(loss * share * accumulation, last=last)
+                    stats_share = float(batch.response_mask[rows[trains[rows]]].sum()) / max(stats_total, 1.0)
                     for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value * share
-                else:
-                    engine.backward(sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad))
+                        weight = share if key == "pg_loss" else stats_share  # see the docstring
+                        totals[key] = totals.get(key, 0.0) + value * weight
+                else:  # another rank still has a micro-batch: take part in its gradient reduction
+                    zero = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
+                    engine.backward(zero, last=last)
                 forward_backward += time.perf_counter() - tick
                 tick = time.perf_counter()
                 engine.step()
@@ -183,11 +206,12 @@ def train_on(
             "loss": record.get("pg_loss", 0.0),
             "kl": record.get("approx_kl", 0.0),
             "clip_fraction": record.get("clip_frac", 0.0),
-            "grad_norm": engine.grad_norm(),
+            "grad_norm": engine.grad_norm() if updates else 0.0,
             "learning_rate": engine.learning_rate(),
             "phase/forward_backward": forward_backward,
             "phase/optimizer": optimizer,
-            "rows_trained": rows_trained / updates,
+            "rows_trained": rows_trained / updates if updates else 0.0,
+            "optimizer_steps": float(updates),
         }
     )
     return record

@@ -3,6 +3,7 @@ real DeepSpeed step with and without the skip, fewer rows forwarded with it."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_skipping_idle_rows_gives_the_same_update(tiny_model_dir: Path) -> None:
         engine = PolicyEngine(cfg)
         initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
-        advantages, _ = advantages_for(batch, cfg)
+        advantages, _, _ = advantages_for(batch, cfg)
         record = train_on(engine, batch, advantages, cfg)
         results[skip] = (record, {n: p.detach().clone() for n, p in engine.module.named_parameters()})
     idle = int((~(advantages != 0).any(dim=1)).sum())
@@ -77,7 +78,7 @@ def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_mo
     rows = (batch.input_ids[:4], batch.attention_mask[:4], batch.response_mask[:4])
     with torch.no_grad():
         torch.testing.assert_close(reference.token_logprobs(*rows)[0], engine.token_logprobs(*rows)[0])
-    advantages, _ = advantages_for(batch, cfg)
+    advantages, _, _ = advantages_for(batch, cfg)
 
     record = train_on(engine, batch, advantages, cfg, reference)
 
@@ -98,10 +99,98 @@ def test_recomputed_old_logprobs_replace_the_behaviour_logprobs(tiny_model_dir: 
     engine = PolicyEngine(cfg)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
     batch.old_logprobs = batch.old_logprobs - batch.response_mask  # behaviour log-probs off by one nat
-    advantages, _ = advantages_for(batch, cfg)
+    advantages, _, _ = advantages_for(batch, cfg)
 
     record = train_on(engine, batch, advantages, cfg)
 
     # One update on the unchanged policy: π / π_old is exactly 1 only if π_old was recomputed.
     assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert record["clip_fraction"] == 0.0
+
+
+def _ratio_everywhere(engine: PolicyEngine, batch, ratio: float) -> None:
+    """Make π/π_old exactly `ratio` on every response token of the current policy."""
+    with torch.no_grad():
+        current = engine.token_logprobs(batch.input_ids, batch.attention_mask, batch.response_mask)[0]
+    batch.old_logprobs = (current - math.log(ratio)) * batch.response_mask
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_loss_statistics_average_over_the_rows_that_train(tiny_model_dir: Path, skip: bool) -> None:
+    """Issue 13 item 4: GRPO, group A rewards [1,0,1,0], group B [1,1,1,1] (idle), 3 tokens each, every
+    token's ratio 1.1 → ratio_mean 1.1 and approx KL exp(−w)+w−1 = 0.004401 (w = ln 1.1), whether idle
+    rows are skipped or forwarded (with skipping they used to read 0.55 and 0.002201)."""
+    groups = generate_groups(tiny_model_dir, 2, new_tokens=3, seed=11)
+    groups[0].rewards = {"a": [1.0, 0.0, 1.0, 0.0], "b": [0.0] * 4}
+    groups[1].rewards = {"a": [1.0] * 4, "b": [0.0] * 4}
+    cfg = config(tiny_model_dir, skip)
+    cfg.trainer.estimator = "grpo"
+    engine = PolicyEngine(cfg)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    _ratio_everywhere(engine, batch, 1.1)
+    advantages, _, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg)
+
+    w = math.log(1.1)
+    assert record["rows_trained"] == (4 if skip else 8)
+    assert record["ratio_mean"] == pytest.approx(1.1, abs=1e-5)
+    assert record["kl"] == pytest.approx(math.exp(-w) + w - 1, abs=1e-6) == pytest.approx(0.004401, abs=1e-6)
+    assert record["clip_fraction"] == 0.0  # 1.1 is inside [0.8, 1.2]
+
+
+def _count_backward_calls(engine: PolicyEngine) -> list[int]:
+    calls = [0]
+    real = engine.engine.backward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    engine.engine.backward = counted
+    return calls
+
+
+def test_a_step_with_nothing_to_train_runs_no_backward_and_no_optimizer_step(tiny_model_dir: Path) -> None:
+    """Issue 13 item 7: every group without variance → no backward at all (the demo spent 13.6 s on
+    eight empty ones), no optimizer step: AdamW with weight decay would still have moved the weights."""
+    groups = generate_groups(tiny_model_dir, 3, seed=5)
+    for group in groups:
+        group.rewards = {"a": [1.0] * 4, "b": [0.25] * 4}
+    cfg = config(tiny_model_dir, skip=True)
+    cfg.trainer.deepspeed["optimizer"] = {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}}
+    engine = PolicyEngine(cfg)
+    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    calls = _count_backward_calls(engine)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    advantages, _, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg)
+
+    assert calls[0] == 0
+    assert engine.engine.global_steps == 0
+    assert record["optimizer_steps"] == 0 and record["rows_trained"] == 0
+    assert record["grad_norm"] == 0.0 and record["loss"] == 0.0
+    assert all(torch.equal(initial[n], p) for n, p in engine.module.named_parameters())
+
+
+def test_a_step_runs_one_backward_per_micro_batch_it_trains(tiny_model_dir: Path) -> None:
+    """One group of three trains (one micro-batch: its rows share a prompt forward): one backward, one
+    optimizer step, though gradient_accumulation_steps is 4 — not four backwards, three of them empty."""
+    groups = generate_groups(tiny_model_dir, 3, seed=5)
+    groups[0].rewards = {"a": [1.0] * 4, "b": [0.25] * 4}
+    groups[1].rewards = {"a": [1.0, 0.0, 0.0, 1.0], "b": [0.0] * 4}
+    groups[2].rewards = {"a": [0.5] * 4, "b": [0.5] * 4}
+    cfg = config(tiny_model_dir, skip=True)
+    engine = PolicyEngine(cfg)
+    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    calls = _count_backward_calls(engine)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    advantages, _, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg)
+
+    assert engine.accumulation_steps == 4
+    assert calls[0] == 1 and engine.engine.global_steps == 1
+    assert record["optimizer_steps"] == 1 and record["rows_trained"] == 4
+    assert any(not torch.equal(initial[n], p) for n, p in engine.module.named_parameters())

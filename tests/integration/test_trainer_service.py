@@ -135,7 +135,7 @@ def test_real_steps_publish_weights_that_reproduce_the_trainer(
 
     # The live GD²PO signals are exactly compute_advantages' on the planted table.
     rewards = torch.tensor([[PLANTED["a"][i], PLANTED["b"][i]] for _ in range(2) for i in range(4)])
-    _, signals = compute_advantages(
+    _, signals, _ = compute_advantages(
         "gd2po_snr", rewards, torch.arange(2).repeat_interleave(4), torch.ones(8, 8), reward_names=["a", "b"]
     )
     assert gauge(scrape, "gd2po_trainer_conflict_ratio") == pytest.approx(signals["conflict_ratio"]) == 0.5

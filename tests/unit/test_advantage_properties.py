@@ -79,7 +79,7 @@ def test_matches_per_group_loop_reference(data):
     kwargs = data.draw(options(rewards.shape[1]))
     reference = reference_advantages(estimator, rewards, groups, mask, **kwargs)
     assume(clear_of_threshold(reference, kwargs["tau"]))
-    advantages, metrics = compute_advantages(estimator, rewards, groups, mask, **kwargs)
+    advantages, metrics, _ = compute_advantages(estimator, rewards, groups, mask, **kwargs)
     torch.testing.assert_close(advantages.double(), reference["advantages"], atol=1e-5, rtol=1e-5)
     assert metrics["conflict_ratio"] == reference["conflict"].double().mean().item()
     assert metrics["keep_ratio"] == reference["keep"].double().mean().item()
@@ -104,8 +104,8 @@ def test_invariant_to_row_order_and_group_labels(data):
     order = torch.tensor(data.draw(st.permutations(range(rewards.shape[0]))))
     _, labels = torch.unique(groups, return_inverse=True)
     relabelled = labels[order] * -7919 + 10**15  # a different injective labelling
-    base, base_metrics = compute_advantages(estimator, rewards, groups, mask, **kwargs)
-    moved, moved_metrics = compute_advantages(estimator, rewards[order], relabelled, mask[order], **kwargs)
+    base, base_metrics, _ = compute_advantages(estimator, rewards, groups, mask, **kwargs)
+    moved, moved_metrics, _ = compute_advantages(estimator, rewards[order], relabelled, mask[order], **kwargs)
     torch.testing.assert_close(moved, base[order], atol=1e-5, rtol=1e-5)
     assert base_metrics.keys() == moved_metrics.keys()
     for key, value in base_metrics.items():
@@ -141,7 +141,7 @@ def test_outputs_are_finite_bounded_and_masked(data):
     rewards, groups, mask = data.draw(batches())
     estimator = data.draw(st.sampled_from(["grpo", "gdpo", "gd2po_hard", "gd2po_snr"]))
     kwargs = data.draw(options(rewards.shape[1]))
-    advantages, metrics = compute_advantages(estimator, rewards, groups, mask, **kwargs)
+    advantages, metrics, _ = compute_advantages(estimator, rewards, groups, mask, **kwargs)
     assert advantages.dtype == torch.float32 and advantages.shape == mask.shape
     assert torch.isfinite(advantages).all()
     assert torch.all(advantages[mask == 0] == 0)

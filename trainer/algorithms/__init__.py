@@ -4,9 +4,17 @@
 estimators are one function registered with `@register_estimator("name")` (see `estimators`).
 """
 
-from trainer.algorithms.advantages import compute_advantages
+from trainer.algorithms.advantages import AdvantageEstimate, compute_advantages
 from trainer.algorithms.batch import Batch
 from trainer.algorithms.estimators import ESTIMATORS, Decision, register_estimator
 from trainer.algorithms.whitening import masked_whiten
 
-__all__ = ["ESTIMATORS", "Batch", "Decision", "compute_advantages", "masked_whiten", "register_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "AdvantageEstimate",
+    "Batch",
+    "Decision",
+    "compute_advantages",
+    "masked_whiten",
+    "register_estimator",
+]

@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,6 +12,20 @@ from trainer.algorithms.estimators import ESTIMATORS, KEEP_RULES, Decision
 from trainer.algorithms.grouping import make_groups
 from trainer.algorithms.metrics import advantage_metrics
 from trainer.algorithms.whitening import masked_whiten
+
+
+class AdvantageEstimate(NamedTuple):
+    """What `compute_advantages` returns (unpacks as ``advantages, metrics, group_keep``)."""
+
+    advantages: Tensor
+    """[N, T] float32 token advantages; dropped rollouts are exactly 0."""
+    metrics: dict[str, float]
+    """Conflict, filtering and reward metrics (see `compute_advantages`)."""
+    group_keep: Tensor
+    """[G] float64 κ of each group, in ascending group-id order: the fraction of its rollouts passing the
+    estimator's keep rule (1 for grpo/gdpo). The per-group keep-ratio histogram observes these, so it
+    agrees with ``group_keep_ratio_*`` and ``keep_ratio`` (an all-zero advantage row is not "dropped":
+    a kept rollout of a group without variance trains on nothing but is kept)."""
 
 
 def compute_advantages(
@@ -28,8 +43,9 @@ def compute_advantages(
     reweight: bool = True,
     filter: bool = True,
     reward_names: Sequence[str] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Token advantages [N, T] (float32) and metrics for N rollouts with K rewards (ALGORITHM.md).
+) -> AdvantageEstimate:
+    """Token advantages [N, T] (float32), metrics and per-group κ for N rollouts with K rewards
+    (ALGORITHM.md).
 
     Args:
         estimator: a name in `ESTIMATORS` — "grpo", "gdpo", "gd2po_hard", "gd2po_snr".
@@ -87,7 +103,8 @@ def compute_advantages(
     decision = ESTIMATORS[estimator](batch)
     per_rollout, single_kept_token = _per_rollout_advantages(decision, response_mask, options.whiten)
     advantages = (per_rollout.to(torch.float32).unsqueeze(1) * response_mask).to(torch.float32)
-    return advantages, advantage_metrics(batch, decision, names, single_kept_token=single_kept_token)
+    metrics = advantage_metrics(batch, decision, names, single_kept_token=single_kept_token)
+    return AdvantageEstimate(advantages, metrics, decision.group_keep)
 
 
 def _per_rollout_advantages(decision: Decision, response_mask: Tensor, whiten: bool) -> tuple[Tensor, bool]:
