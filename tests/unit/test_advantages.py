@@ -111,7 +111,6 @@ def test_baselines_report_conflicts_but_drop_nothing(estimator):
     assert metrics["rho_mean_in_conflict"] == pytest.approx(0.07178933, abs=1e-5)
 
 
-
 @pytest.mark.parametrize(
     ("estimator", "rewards", "groups", "kappa"),
     [
@@ -132,6 +131,7 @@ def test_group_keep_is_the_estimators_kappa(estimator, rewards, groups, kappa):
     assert metrics["group_keep_ratio_min"] == min(kappa) and metrics["group_keep_ratio_max"] == max(kappa)
     if estimator in ("grpo", "gdpo"):
         assert torch.all(advantages[:4] == 0)  # idle rows: zero rows are not what "kept" is read from
+
 
 @pytest.mark.parametrize("size", [2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("value", [0.1, 0.7, 1 / 3, -2.3, 1000 / 7])
@@ -243,7 +243,9 @@ def test_unanimous_negative_rollout_is_kept(keep_rule):
 
 
 def test_paper_rule_drops_rollouts_without_signal():
-    release, release_metrics, _ = compute_advantages("gd2po_snr", EXAMPLE_REWARDS, EXAMPLE_GROUPS, EXAMPLE_MASK)
+    release, release_metrics, _ = compute_advantages(
+        "gd2po_snr", EXAMPLE_REWARDS, EXAMPLE_GROUPS, EXAMPLE_MASK
+    )
     paper, metrics, _ = compute_advantages(
         "gd2po_snr", EXAMPLE_REWARDS, EXAMPLE_GROUPS, EXAMPLE_MASK, keep_rule="paper"
     )
