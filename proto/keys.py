@@ -6,6 +6,8 @@ A namespace prefix lets several experiments share one Redis without seeing each 
 from dataclasses import dataclass
 
 TRAINER_CONSUMER_GROUP = "trainer"
+MESSAGE_FIELD = "msg"
+"""The field of a stream entry (groups, dead letters) that holds the encoded message."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,9 @@ class RedisKeys:
 
     @property
     def deadletter(self) -> str:
-        """Stream of DeadLetter records: groups whose rewards failed after retries."""
+        """Stream of DeadLetter records, one shape for every producer (see proto.deadletter): groups whose
+        rewards failed after retries (rollout), groups that cannot be trained and entries that do not
+        decode (trainer)."""
         return f"{self.namespace}:deadletter"
 
     @property
@@ -46,7 +50,7 @@ class RedisKeys:
 
     @property
     def dead(self) -> str:
-        """Set of group ids that went to the dead-letter stream (producer side ledger)."""
+        """Set of group ids that went to the dead-letter stream, whoever sent them (rollout or trainer)."""
         return f"{self.namespace}:dead"
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ID_LENGTH = 256
 #: Largest policy version or step: they travel as msgpack integers, which stop at 64 bits.
@@ -180,17 +180,69 @@ class ScoredGroup(_WireModel):
 
 
 class DeadLetter(_WireModel):
-    """A group that could not be scored, kept whole with the reason so nothing is lost."""
+    """The one record of the dead-letter stream, whoever writes it: a group (or a stream entry) that will
+    not be trained, kept whole with the reason, so nothing produced is lost and it can be inspected or
+    replayed. Every producer writes this shape through :func:`proto.deadletter.add_dead_letter`.
 
-    group_id: str
-    prompt_id: str
-    reason: str = Field(min_length=1)
-    failed_rewards: list[str] = Field(min_length=1)
-    policy_version: int = Field(ge=0, le=INT64_MAX)
-    producer_id: str = ""
-    created_at: float
+    ``kind`` says which promise stopped it:
+
+    * ``reward_failed`` (rollout): a reward still failed after retries. A failure never becomes a score,
+      so the group is not published; ``failed_rewards`` names the rewards, ``rewards`` holds those that
+      did score.
+    * ``untrainable`` (trainer): a ScoredGroup that decodes but that this experiment and model cannot
+      train (a configured reward is missing, a token id is outside the vocabulary, the sequence is
+      longer than the model's context, every response is empty). Training on it would crash every step
+      that includes it, and every restart, as the entry stays pending; the whole group is kept here.
+    * ``undecodable`` (trainer): stream entry bytes that are not a ScoredGroup this reader accepts
+      (garbage, another schema major version, a non-finite reward). ``raw`` keeps the bytes; the group
+      fields are filled as far as they could be read.
+
+    The fields of the group are those of :class:`ScoredGroup`, each present as far as it is known.
+    Schema 2.0 records (all reward failures, ``partial_rewards`` for ``rewards``) still validate.
+    """
+
+    kind: Literal["reward_failed", "untrainable", "undecodable"] = Field(
+        default="reward_failed", description="Why it was dead-lettered (2.0 records are reward failures)."
+    )
+    reason: str = Field(min_length=1, description="What went wrong, in words.")
+    source: str = Field(default="", description="Who dead-lettered it: 'rollout' or 'trainer'.")
+    dead_at: float | None = Field(default=None, description="Unix time it was dead-lettered.")
+    entry_id: str | None = Field(
+        default=None, description="Id of the entry in the groups stream it came from (trainer only)."
+    )
+    raw: str | None = Field(
+        default=None,
+        description="Base64 (RFC 4648) of the entry's message bytes, for kind 'undecodable' (the msgpack "
+        "map of all the entry's fields when it has no message field).",
+        json_schema_extra={"contentEncoding": "base64"},
+    )
+    failed_rewards: list[str] = Field(
+        default_factory=list, description="Rewards that failed (reward_failed)."
+    )
+    group_id: str | None = None
+    prompt_id: str | None = None
+    prompt_token_ids: list[int] = Field(default_factory=list)
     completions: list[Completion] = Field(default_factory=list)
-    partial_rewards: dict[str, list[float]] = Field(default_factory=dict)
+    rewards: dict[str, list[float]] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("rewards", "partial_rewards"),
+        description="Reward name → scores, as far as they exist (for reward_failed, the rewards that scored).",
+    )
+    policy_version: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    producer_id: str = ""
+    created_at: float | None = None
+    scored_at: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete_for_its_kind(self) -> DeadLetter:
+        if self.kind == "reward_failed" and not (self.group_id and self.failed_rewards):
+            raise ValueError("a reward_failed dead letter needs group_id and failed_rewards")
+        if self.kind == "untrainable" and not (self.group_id and self.completions):
+            raise ValueError("an untrainable dead letter keeps the group: group_id and completions")
+        if self.kind == "undecodable" and self.raw is None:
+            raise ValueError("an undecodable dead letter keeps the bytes in raw")
+        return self
 
 
 class PolicyAnnouncement(_WireModel):

@@ -4,5 +4,7 @@ Bump the minor version for additive, backward-compatible changes (new optional f
 major version when an older reader would misread a message. Readers refuse unknown major versions.
 """
 
-SCHEMA_VERSION = "2.0"  # 2.0: PolicyAnnouncement.sha256 → digest (BLAKE3)
+# 2.0: PolicyAnnouncement.sha256 → digest (BLAKE3). 2.1: one DeadLetter for every producer (kind, source,
+# raw bytes of undecodable entries; group fields optional; partial_rewards read as rewards).
+SCHEMA_VERSION = "2.1"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])

@@ -177,17 +177,23 @@ class RolloutLoop:
             records, prompt_ids, completions, group_ids, outcomes, strict=True
         ):
             if isinstance(outcome, RewardFailure):
-                self.metrics.deadletter.labels(outcome.reward).inc()
+                self.metrics.deadletter.labels(outcome.reward).inc()  # one per group: its first failure
                 dead.append(
                     DeadLetter(
+                        kind="reward_failed",
+                        reason=str(outcome),
+                        source="rollout",
+                        dead_at=time.time(),
+                        failed_rewards=outcome.failed,
                         group_id=group_id,
                         prompt_id=record.prompt_id,
-                        reason=str(outcome),
-                        failed_rewards=[outcome.reward],
+                        prompt_token_ids=ids,
+                        completions=group,
+                        rewards=outcome.scored,
                         policy_version=version,
                         producer_id=self.producer_id,
                         created_at=started,
-                        completions=group,
+                        metadata={"label": record.label, "data_source": record.data_source},
                     )
                 )
                 continue

@@ -11,9 +11,10 @@ from __future__ import annotations
 import redis
 
 from proto import DeadLetter, ScoredGroup, encode
-from proto.keys import RedisKeys
+from proto.deadletter import add_dead_letter
+from proto.keys import MESSAGE_FIELD, RedisKeys
 
-FIELD = "msg"
+FIELD = MESSAGE_FIELD
 
 
 def ensure_consumer_group(client: redis.Redis, keys: RedisKeys) -> None:
@@ -54,8 +55,7 @@ class Producer:
     def dead_letter(self, letters: list[DeadLetter]) -> None:
         pipe = self.client.pipeline(transaction=True)
         for letter in letters:
-            pipe.xadd(self.keys.deadletter, {FIELD: encode(letter)})
-            pipe.sadd(self.keys.dead, letter.group_id)
+            add_dead_letter(pipe, self.keys, letter)
         pipe.incrby(self.keys.produced, len(letters))
         pipe.execute()
 

@@ -20,11 +20,23 @@ from rollout_service.metrics import RolloutMetrics
 
 
 class RewardFailure(Exception):
-    """A reward could not score some items, after retries where retrying made sense."""
+    """A reward could not score some items, after retries where retrying made sense.
 
-    def __init__(self, reward: str, reason: str):
+    ``failed`` names every reward of the batch that failed (``reward`` is the first) and ``scored`` holds
+    the scores of those that did not, so a dead letter keeps all that is known."""
+
+    def __init__(
+        self,
+        reward: str,
+        reason: str,
+        *,
+        failed: list[str] | None = None,
+        scored: dict[str, list[float]] | None = None,
+    ):
         super().__init__(f"{reward}: {reason}")
         self.reward, self.reason = reward, reason
+        self.failed = failed or [reward]
+        self.scored = scored or {}
 
 
 class _Transient(Exception):
@@ -61,16 +73,19 @@ class RewardClient:
         await self.client.aclose()
 
     async def score(self, items: list[ScoreItem]) -> dict[str, list[float]]:
-        """Reward name → one score per item, in order. Raises RewardFailure naming the first failure."""
+        """Reward name → one score per item, in order. Raises RewardFailure naming the first failure,
+        with every failed reward and the scores of the others."""
         names = [r.name for r in self.rewards]
         outcomes = await asyncio.gather(
             *(self._score_reward(r, items) for r in self.rewards), return_exceptions=True
         )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, RewardFailure):
-                    raise outcome
-                raise RewardFailure("?", f"{type(outcome).__name__}: {outcome}") from outcome
+        failures = [(n, o) for n, o in zip(names, outcomes, strict=True) if isinstance(o, BaseException)]
+        if failures:
+            scored = {n: o for n, o in zip(names, outcomes, strict=True) if not isinstance(o, BaseException)}
+            name, first = failures[0]
+            reward = first.reward if isinstance(first, RewardFailure) else name
+            reason = first.reason if isinstance(first, RewardFailure) else f"{type(first).__name__}: {first}"
+            raise RewardFailure(reward, reason, failed=[n for n, _ in failures], scored=scored) from first
         return dict(zip(names, outcomes, strict=True))
 
     async def _score_reward(self, reward: RewardEndpoint, items: list[ScoreItem]) -> list[float]:

@@ -135,5 +135,8 @@ def test_failed_group_is_dead_lettered_with_the_reason(redis_url: str) -> None:
     letter = decode(fields[FIELD.encode()], DeadLetter)
     assert letter.failed_rewards == ["bad"] and "failed after 4 attempts" in letter.reason
     assert letter.policy_version == 3 and len(letter.completions) == 2
+    # The one DeadLetter shape (as the trainer writes), with all that is known of the group.
+    assert (letter.kind, letter.source, letter.prompt_token_ids) == ("reward_failed", "rollout", [5, 6])
+    assert letter.rewards == {"good": [1.0, 1.0]}  # the reward that scored, never a made-up "bad"
     assert client.sismember(keys.dead, letter.group_id) and int(client.get(keys.produced)) == 1
     assert not [decode(f[FIELD.encode()], ScoredGroup) for _, f in client.xrange(keys.groups)]

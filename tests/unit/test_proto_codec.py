@@ -25,6 +25,7 @@ from proto import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    deadletter,
     decode,
     encode,
 )
@@ -82,6 +83,33 @@ def score_results(draw: st.DrawFn) -> ScoreResult:
     return ScoreResult(id=draw(ident), status="error", error=draw(st.text(min_size=1, max_size=30)))
 
 
+@st.composite
+def dead_letters(draw: st.DrawFn) -> DeadLetter:
+    """Each producer's dead letter: the rollout's reward failure, the trainer's untrainable group and its
+    undecodable entry (bytes of any kind)."""
+    kind = draw(st.sampled_from(["reward_failed", "untrainable", "undecodable"]))
+    reason = draw(st.text(min_size=1, max_size=30))
+    if kind == "untrainable":
+        return deadletter.untrainable(draw(scored_groups()), reason, source="trainer", entry_id="1-0")
+    if kind == "undecodable":
+        raw = draw(st.binary(max_size=64) | scored_groups().map(encode))
+        return deadletter.undecodable({b"msg": raw}, reason, source="trainer", entry_id="1-1")
+    return DeadLetter(
+        kind="reward_failed",
+        reason=reason,
+        source="rollout",
+        dead_at=draw(finite),
+        failed_rewards=draw(st.lists(ident, min_size=1, max_size=2)),
+        group_id=draw(ident),
+        prompt_id=draw(ident),
+        prompt_token_ids=draw(st.lists(st.integers(0, 50_000), max_size=5)),
+        completions=draw(st.lists(completions(), max_size=2)),
+        rewards=draw(st.dictionaries(ident, st.lists(finite, max_size=2), max_size=2)),
+        policy_version=draw(st.integers(0, 100)),
+        created_at=draw(finite),
+    )
+
+
 STRATEGIES: dict[type[BaseModel], st.SearchStrategy] = {
     PromptRecord: st.builds(
         PromptRecord, prompt_id=ident, messages=messages, label=st.none() | text, data_source=text
@@ -112,16 +140,7 @@ STRATEGIES: dict[type[BaseModel], st.SearchStrategy] = {
     ),
     OpenRLHFResponse: st.builds(OpenRLHFResponse, rewards=st.lists(finite, max_size=5)),
     ScoredGroup: scored_groups(),
-    DeadLetter: st.builds(
-        DeadLetter,
-        group_id=ident,
-        prompt_id=ident,
-        reason=st.text(min_size=1, max_size=30),
-        failed_rewards=st.lists(ident, min_size=1, max_size=2),
-        policy_version=st.integers(0, 100),
-        created_at=finite,
-        completions=st.lists(completions(), max_size=2),
-    ),
+    DeadLetter: dead_letters(),
     PolicyAnnouncement: st.builds(
         PolicyAnnouncement,
         version=st.integers(0, 1000),
@@ -256,3 +275,47 @@ def test_openrlhf_lengths_must_match() -> None:
 def test_policy_announcement_needs_a_blake3_hex_digest(digest: str) -> None:
     with pytest.raises(ValidationError, match="digest must be 'blake3:'"):
         PolicyAnnouncement(version=1, path="/w", digest=digest, step=1, created_at=0.0)
+
+
+def test_a_schema_2_0_dead_letter_still_reads():
+    """Before 2.1 only the rollout wrote DeadLetters (reward failures, partial scores in partial_rewards)."""
+    body = {
+        "group_id": "g",
+        "prompt_id": "p",
+        "reason": "correctness: failed after 4 attempts",
+        "failed_rewards": ["correctness"],
+        "policy_version": 3,
+        "producer_id": "r",
+        "created_at": 1.0,
+        "completions": [],
+        "partial_rewards": {"length": [0.5]},
+    }
+    letter = decode(msgpack.packb({"v": "2.0", "type": "DeadLetter", "body": body}), DeadLetter)
+    assert (letter.kind, letter.failed_rewards, letter.rewards) == (
+        "reward_failed",
+        ["correctness"],
+        {"length": [0.5]},
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": "reward_failed", "group_id": "g"}, "needs group_id and failed_rewards"),
+        ({"kind": "untrainable", "group_id": "g"}, "keeps the group"),
+        ({"kind": "undecodable"}, "keeps the bytes in raw"),
+    ],
+)
+def test_a_dead_letter_is_complete_for_its_kind(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        DeadLetter(reason="r", **fields)
+
+
+def test_undecodable_bytes_name_their_group_when_the_envelope_is_readable():
+    envelope = msgpack.unpackb(encode(ScoredGroup(**_group(policy_version=7))))
+    envelope["body"]["rewards"]["length"][0] = math.nan
+    letter = deadletter.undecodable({b"msg": msgpack.packb(envelope)}, "nan", source="trainer")
+    assert (letter.group_id, letter.prompt_id, letter.policy_version) == ("g", "p", 7)
+    assert deadletter.raw_bytes(letter) == msgpack.packb(envelope)
+    garbage = deadletter.undecodable({b"msg": msgpack.packb({"body": {"group_id": 5}})}, "x", source="t")
+    assert garbage.group_id is None and garbage.policy_version is None
