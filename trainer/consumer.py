@@ -1,9 +1,18 @@
 """Redis Streams consumer of ScoredGroups with the accounting the design promises.
 
 * Each group id ends in exactly one ledger set: ``trained`` (used by an optimizer step), ``stale``
-  (older than ``max_staleness`` policy versions; dropped and acknowledged) — the rollout service puts
-  dead-lettered ones in ``dead``. A group id already in ``trained`` is acknowledged and skipped
-  (idempotent after restarts and duplicate deliveries).
+  (older than ``max_staleness`` policy versions; dropped and acknowledged) or ``dead`` (dead-lettered:
+  by the rollout when a reward failed, by the trainer when the group cannot be trained or its entry
+  does not decode).
+* Each group id is trained at most once. A copy of a group id already in a ledger set, or already
+  pulled and not yet committed (in this pull, or an earlier step of the same checkpoint window), is
+  acknowledged at once, skipped and counted as a duplicate: the first copy's entry stays pending until
+  its commit, so the group is still delivered again if the trainer dies before its checkpoint. Copies
+  appear when a producer's XADD pipeline is retried after a lost EXEC reply, or on replays.
+* A group that decodes but cannot be trained (:class:`trainer.batching.GroupRules`) and an entry that
+  does not decode are dead-lettered with the reason (:mod:`proto.deadletter`, one record shape for every
+  producer) and acknowledged in one MULTI/EXEC, so training goes on instead of failing on them at every
+  step and every restart.
 * Entries are acknowledged only in :meth:`commit`, after the optimizer step that used them, together
   with the ledger update (one MULTI/EXEC), so a crash before that redelivers them.
 * On start the trainer claims every pending entry of its consumer group (XAUTOCLAIM), whichever
@@ -18,11 +27,13 @@ from dataclasses import dataclass, field
 import redis
 
 from proto import ScoredGroup, decode
-from proto.codec import CodecError
-from proto.keys import RedisKeys
+from proto.deadletter import add_dead_letter, undecodable, untrainable
+from proto.keys import MESSAGE_FIELD, RedisKeys
+from trainer.batching import GroupRules
 
 log = logging.getLogger("trainer.consumer")
-FIELD = b"msg"
+FIELD = MESSAGE_FIELD.encode()
+SOURCE = "trainer"
 
 
 @dataclass
@@ -35,17 +46,29 @@ class Pulled:
 
 @dataclass
 class Counts:
+    """Running totals of what :meth:`GroupConsumer.pull` did not train, and the ages it accepted."""
+
     stale: int = 0
     duplicate: int = 0
     undecodable: int = 0
+    untrainable: int = 0
     staleness: list[int] = field(default_factory=list)
 
 
 class GroupConsumer:
+    """``rules``: what a group must satisfy to be trained (None accepts every decoded group)."""
+
     def __init__(
-        self, client: redis.Redis, keys: RedisKeys, consumer: str = "trainer-0", block_ms: int = 500
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        consumer: str = "trainer-0",
+        block_ms: int = 500,
+        rules: GroupRules | None = None,
     ):
         self.client, self.keys, self.consumer, self.block_ms = client, keys, consumer, block_ms
+        self.rules = rules
+        self._in_flight: set[str] = set()  # pulled, not yet committed
         try:
             client.xgroup_create(keys.groups, keys.trainer_group, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -84,49 +107,82 @@ class GroupConsumer:
     def pull(
         self, prompts: int, current_version: int, max_staleness: int, counts: Counts, stop=lambda: False
     ) -> Pulled:
-        """Block until ``prompts`` fresh, not-yet-trained groups are in hand (or ``stop()``)."""
+        """Block until ``prompts`` fresh, trainable groups never trained before are in hand (or ``stop()``).
+
+        Every other entry read on the way is acknowledged now and counted in ``counts``: duplicates,
+        stale groups (``stale`` ledger), untrainable groups and undecodable entries (dead-lettered)."""
         pulled = Pulled()
         while len(pulled.groups) < prompts and not stop():
             for entry_id, fields in self._read(prompts - len(pulled.groups)):
-                group = self._decode(entry_id, fields, counts)
-                if group is None:
-                    continue
-                if self.client.sismember(self.keys.trained, group.group_id):
-                    counts.duplicate += 1
-                    self.client.xack(self.keys.groups, self.keys.trainer_group, entry_id)
-                    continue
-                age = current_version - group.policy_version
-                if age > max_staleness:
-                    counts.stale += 1
-                    pipe = self.client.pipeline(transaction=True)
-                    pipe.sadd(self.keys.stale, group.group_id)
-                    pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
-                    pipe.execute()
-                    continue
-                counts.staleness.append(age)
-                pulled.groups.append(group)
-                pulled.entry_ids.append(entry_id)
+                group = self._admit(entry_id, fields, current_version, max_staleness, counts)
+                if group is not None:
+                    self._in_flight.add(group.group_id)
+                    counts.staleness.append(current_version - group.policy_version)
+                    pulled.groups.append(group)
+                    pulled.entry_ids.append(entry_id)
         return pulled
 
-    def _decode(self, entry_id: bytes, fields: dict, counts: Counts) -> ScoredGroup | None:
+    def _admit(
+        self, entry_id: bytes, fields: dict, current_version: int, max_staleness: int, counts: Counts
+    ) -> ScoredGroup | None:
+        """The entry's group when it is to be trained; otherwise acknowledge the entry (with its ledger
+        or dead-letter record, atomically) and return None."""
+        entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         try:
-            return decode(fields[FIELD], ScoredGroup)
-        except (KeyError, CodecError, ValueError) as exc:
-            # Keep the bytes for inspection instead of dropping them silently.
-            counts.undecodable += 1
-            log.error("undecodable entry %s moved to the dead-letter stream: %s", entry_id, exc)
+            group, letter = decode(fields[FIELD], ScoredGroup), None
+        except Exception as exc:  # whatever fails to decode would fail again after every restart
+            reason = (
+                f"undecodable entry: {exc}" if FIELD in fields else f"entry has no {MESSAGE_FIELD!r} field"
+            )
+            group, letter = None, undecodable(fields, reason[:2000], source=SOURCE, entry_id=entry)
+        group_id = group.group_id if group is not None else letter.group_id
+        if group_id is not None and self._seen(group_id):
+            counts.duplicate += 1
+            log.warning("skipped a second copy of group %s (entry %s)", group_id, entry)
+            self.client.xack(self.keys.groups, self.keys.trainer_group, entry_id)
+            return None
+        if group is not None and self.rules is not None:
+            reason = self.rules.violation(group)
+            if reason is not None:
+                letter = untrainable(group, reason, source=SOURCE, entry_id=entry)
+        if letter is not None:
+            if group is None:
+                counts.undecodable += 1
+            else:
+                counts.untrainable += 1
+            log.error("dead-lettered entry %s (group %s): %s", entry, group_id, letter.reason)
             pipe = self.client.pipeline(transaction=True)
-            pipe.xadd(self.keys.deadletter, {b"raw": fields.get(FIELD, b""), b"reason": str(exc)[:500]})
+            add_dead_letter(pipe, self.keys, letter)
             pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
             pipe.execute()
             return None
+        if current_version - group.policy_version > max_staleness:
+            counts.stale += 1
+            pipe = self.client.pipeline(transaction=True)
+            pipe.sadd(self.keys.stale, group.group_id)
+            pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
+            pipe.execute()
+            return None
+        return group
+
+    def _seen(self, group_id: str) -> bool:
+        """Pulled and not yet committed, or already in a ledger set (trained, stale or dead)."""
+        if group_id in self._in_flight:
+            return True
+        pipe = self.client.pipeline(transaction=False)
+        for ledger in (self.keys.trained, self.keys.stale, self.keys.dead):
+            pipe.sismember(ledger, group_id)
+        return any(pipe.execute())
 
     def commit(self, pulled: Pulled) -> None:
         """Record the groups as trained and acknowledge them, atomically."""
+        if not pulled.groups:
+            return
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(self.keys.trained, *[g.group_id for g in pulled.groups])
         pipe.xack(self.keys.groups, self.keys.trainer_group, *pulled.entry_ids)
         pipe.execute()
+        self._in_flight.difference_update(g.group_id for g in pulled.groups)
 
     def queue_depth(self) -> int:
         """Groups produced but not yet read by the trainer."""

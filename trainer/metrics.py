@@ -11,6 +11,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
+GROUP_OUTCOMES = ("trained", "stale", "duplicate", "untrainable", "undecodable")
+"""Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
+as too stale, skipped as a second copy, or dead-lettered because it cannot be trained or does not decode."""
 RATIO_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 SCALARS = {
     "conflict_ratio": "Fraction of rollouts whose per-reward advantages have mixed signs",
@@ -81,7 +84,7 @@ class TrainerMetrics:
             "gd2po_trainer_all_filtered_batches", "Batches where the filter dropped every rollout", registry=r
         )
         self.steps = Counter("gd2po_trainer_steps", "Optimizer steps", registry=r)
-        for outcome in ("trained", "stale", "duplicate"):
+        for outcome in GROUP_OUTCOMES:
             self.groups.labels(outcome)
         for phase in PHASES:
             self.phase_seconds.labels(phase)

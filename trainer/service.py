@@ -24,7 +24,7 @@ from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
 from proto.startup import require_model, wait_for_redis
 from trainer import checkpoint
-from trainer.batching import build_batch
+from trainer.batching import GroupRules, build_batch
 from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, TrainerMetrics
@@ -93,7 +93,10 @@ class Trainer:
             )
         rank = dist.get_rank()
         client = connect(self.config.redis)
-        consumer = GroupConsumer(client, self.keys) if rank == 0 else None
+        consumer = None
+        if rank == 0:
+            rules = GroupRules.for_model(self.config.reward_names, engine.module)
+            consumer = GroupConsumer(client, self.keys, rules=rules)
         publisher = WeightPublisher(
             client, self.keys, self.run_dir / "weights", self.config.model.path, self.config.trainer.keep_last
         )
@@ -169,7 +172,7 @@ class Trainer:
         tick = time.perf_counter()
         pulled = Pulled()
         if consumer is not None:
-            before = (counts.stale, counts.duplicate)
+            before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable)
             pulled = consumer.pull(
                 trainer.prompts_per_step,
                 state.policy_version,
@@ -179,6 +182,8 @@ class Trainer:
             )
             self.metrics.groups.labels("stale").inc(counts.stale - before[0])
             self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
+            self.metrics.groups.labels("untrainable").inc(counts.untrainable - before[2])
+            self.metrics.groups.labels("undecodable").inc(counts.undecodable - before[3])
         groups = _broadcast(pulled.groups)
         if len(groups) < trainer.prompts_per_step:
             return None  # stopping
@@ -205,10 +210,11 @@ class Trainer:
             state.policy_version = _broadcast(state.policy_version)
         publish = time.perf_counter() - tick
 
+        staleness = batch.group_staleness()  # one value per group, not one per rollout
         if consumer is not None:
             uncommitted.groups.extend(pulled.groups)
             uncommitted.entry_ids.extend(pulled.entry_ids)
-            for age in batch.staleness[batch.group_index.unique(sorted=True)].tolist():
+            for age in staleness:
                 self.metrics.staleness.observe(age)
         state.groups_trained += len(groups)
         trained_tokens = float(batch.response_mask.sum())
@@ -226,9 +232,11 @@ class Trainer:
                 "phase/wait": wait,
                 "phase/advantages": advantage_time,
                 "phase/publish": publish,
-                "staleness_mean": float(batch.staleness.float().mean()),
+                "staleness_mean": sum(staleness) / len(staleness),  # over groups, as the histogram
                 "stale_dropped_total": counts.stale,
                 "duplicates_total": counts.duplicate,
+                "untrainable_total": counts.untrainable,
+                "undecodable_total": counts.undecodable,
                 "last_step_timestamp_seconds": time.time(),
             }
         )

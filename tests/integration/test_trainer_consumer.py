@@ -1,15 +1,21 @@
-"""The trainer's Redis consumer against a real server: staleness drops, duplicate skips, undecodable
-entries kept in the dead-letter stream, and pending entries reclaimed after a restart."""
+"""The trainer's Redis consumer against a real server: staleness drops, duplicate skips (ledger, same
+pull, same checkpoint window), groups that cannot be trained and undecodable entries dead-lettered in
+the one DeadLetter shape and acknowledged, and pending entries reclaimed after a restart."""
 
 from __future__ import annotations
 
+import base64
+import math
 import time
 
+import msgpack
 import pytest
 import redis
 
 from proto import Completion, ScoredGroup, encode
+from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
+from trainer.batching import GroupRules
 from trainer.consumer import Counts, GroupConsumer
 
 pytestmark = pytest.mark.integration
@@ -65,3 +71,137 @@ def test_pending_entries_are_reclaimed_after_a_restart(redis_url: str) -> None:
     assert [g.group_id for g in again.groups] == ["g1", "g2", "g3"]  # reclaimed first, in order
     restarted.commit(again)
     assert client.xpending(KEYS.groups, KEYS.trainer_group)["pending"] == 0
+
+
+def pending(client: redis.Redis) -> int:
+    return client.xpending(KEYS.groups, KEYS.trainer_group)["pending"]
+
+
+def test_a_second_copy_of_a_group_is_skipped_acknowledged_and_counted(redis_url: str) -> None:
+    """Two copies of one encoded group (a producer's XADD pipeline retried after a lost EXEC reply): in
+    one pull, in a later pull of the same checkpoint window (pulled, not committed), after the commit, and
+    copies of groups already dropped as stale or dead-lettered. Right: only the first copy trains; every
+    other copy is acknowledged at once and counted in ``duplicate``."""
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    counts = Counts()
+    first = encode(group("g1", 5))
+    for payload in (first, first, encode(group("g2", 5))):
+        client.xadd(KEYS.groups, {"msg": payload})
+    step1 = consumer.pull(2, current_version=5, max_staleness=2, counts=counts)
+    assert [g.group_id for g in step1.groups] == ["g1", "g2"]
+    assert counts.duplicate == 1 and pending(client) == 2  # the copy is acknowledged, g1's first is not
+
+    # Step 2 of the same checkpoint window: g1 and g2 are pulled, not committed.
+    for payload in (encode(group("g2", 5)), first, encode(group("g3", 5))):
+        client.xadd(KEYS.groups, {"msg": payload})
+    step2 = consumer.pull(1, current_version=5, max_staleness=2, counts=counts)
+    assert [g.group_id for g in step2.groups] == ["g3"]
+    assert counts.duplicate == 3 and pending(client) == 3
+
+    consumer.commit(step1)
+    consumer.commit(step2)
+    client.sadd(KEYS.dead, "dead-by-rollout")
+    for payload in (
+        first,
+        encode(group("old", 0)),
+        encode(group("old", 0)),
+        encode(group("dead-by-rollout", 5)),
+    ):
+        client.xadd(KEYS.groups, {"msg": payload})
+    client.xadd(KEYS.groups, {"msg": encode(group("g4", 5))})
+    step3 = consumer.pull(1, current_version=5, max_staleness=2, counts=counts)
+    assert [g.group_id for g in step3.groups] == ["g4"]
+    assert (counts.duplicate, counts.stale) == (6, 1)  # the second "old" is a copy, not a second drop
+    assert pending(client) == 1
+    assert client.smembers(KEYS.trained) == {b"g1", b"g2", b"g3"}
+
+
+def poisoned(group_id: str, **changes) -> ScoredGroup:
+    return group(group_id, 5).model_copy(update=changes)
+
+
+RULES = GroupRules(reward_names=("a",), vocab_size=100, max_positions=64)
+
+
+def test_groups_that_cannot_be_trained_are_dead_lettered_and_training_goes_on(redis_url: str) -> None:
+    """Groups that decode but would crash the step (a configured reward missing, a token id outside the
+    vocabulary, longer than the model's context, only empty responses) and entries that do not decode: each goes to the
+    dead-letter stream in the one DeadLetter shape with the reason, its id to the ``dead`` ledger, its
+    entry is acknowledged (a restart does not see it again), and the pull still returns fresh groups."""
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50, rules=RULES)
+    long = Completion(token_ids=[1] * 64, logprobs=[-0.1] * 64, text="x", finish_reason="length")
+    outside = Completion(token_ids=[1, 100], logprobs=[-0.1, -0.2], text="ab", finish_reason="stop")
+    empty = Completion(token_ids=[], logprobs=[], text="", finish_reason="stop")
+    bad = {
+        "no-a": poisoned("no-a", rewards={"b": [0.0, 1.0]}),
+        "prompt-vocab": poisoned("prompt-vocab", prompt_token_ids=[5, 2**40]),
+        "answer-vocab": poisoned("answer-vocab", completions=[outside, outside]),
+        "too-long": poisoned("too-long", completions=[long, long]),
+        "all-empty": poisoned("all-empty", completions=[empty, empty]),
+    }
+    envelope = msgpack.unpackb(encode(group("nan", 5)))
+    envelope["body"]["rewards"]["a"][0] = math.nan
+    undecodable = {"garbage": b"\x93garbage", "nan": msgpack.packb(envelope)}
+    client.xadd(KEYS.groups, {"msg": encode(group("fresh", 5))})
+    for poison in bad.values():
+        client.xadd(KEYS.groups, {"msg": encode(poison)})
+    for payload in undecodable.values():
+        client.xadd(KEYS.groups, {"msg": payload})
+    client.xadd(KEYS.groups, {"other": b"no message field"})
+    client.xadd(KEYS.groups, {"msg": encode(group("fresh2", 5))})
+
+    counts = Counts()
+    pulled = consumer.pull(2, current_version=5, max_staleness=2, counts=counts)
+    assert [g.group_id for g in pulled.groups] == ["fresh", "fresh2"]
+    assert (counts.untrainable, counts.undecodable, counts.duplicate) == (5, 3, 0)
+    assert pending(client) == 2  # only the two to train on wait for their commit
+
+    letters = {letter.group_id or letter.reason: letter for _, letter in read_dead_letters(client, KEYS)}
+    assert len(letters) == 8
+    assert "rewards lack ['a']" in letters["no-a"].reason
+    assert "token id 1099511627776, outside the model's vocabulary of 100" in letters["prompt-vocab"].reason
+    assert "completions[0].token_ids holds token id 100" in letters["answer-vocab"].reason
+    assert "65 tokens, longer than the model's context of 64" in letters["too-long"].reason
+    assert "every completion is empty" in letters["all-empty"].reason
+    for group_id, poison in bad.items():
+        letter = letters[group_id]
+        assert (letter.kind, letter.source) == ("untrainable", "trainer")
+        # The whole group is kept: it re-validates as the ScoredGroup that was produced.
+        kept = letter.model_dump(include=set(ScoredGroup.model_fields))
+        assert ScoredGroup.model_validate(kept) == poison
+    assert letters["nan"].kind == "undecodable" and "finite" in letters["nan"].reason
+    assert raw_bytes(letters["nan"]) == undecodable["nan"]  # the bytes as they were, to inspect
+    garbage = next(v for v in letters.values() if v.group_id is None and raw_bytes(v) == b"\x93garbage")
+    assert garbage.kind == "undecodable" and garbage.entry_id
+    no_field = next(v for v in letters.values() if "has no" in v.reason)
+    assert msgpack.unpackb(raw_bytes(no_field)) == {b"other": b"no message field"}
+    assert {m.decode() for m in client.smembers(KEYS.dead)} == {*bad, "nan"}
+
+    # A restarted consumer has nothing to reclaim but the two groups, and copies are duplicates.
+    client.xadd(KEYS.groups, {"msg": encode(bad["no-a"])})
+    client.xadd(KEYS.groups, {"msg": undecodable["nan"]})
+    client.xadd(KEYS.groups, {"msg": encode(group("fresh3", 5))})
+    restarted = GroupConsumer(client, KEYS, block_ms=50, rules=RULES)
+    again = restarted.pull(3, current_version=5, max_staleness=2, counts=counts)
+    assert [g.group_id for g in again.groups] == ["fresh", "fresh2", "fresh3"]
+    assert counts.duplicate == 2 and client.xlen(KEYS.deadletter) == 8
+
+
+def test_every_producer_writes_one_dead_letter_shape(redis_url: str) -> None:
+    """The trainer's records and the rollout's (tests/integration/test_rollout_rewards_client.py) are
+    the same DeadLetter message in the field ``msg``; a record written by a trainer before the shape
+    was unified (fields ``raw`` and ``reason``) still reads as one."""
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(KEYS.deadletter, {b"raw": b"\x93old", b"reason": b"not a msgpack message"})
+    consumer = GroupConsumer(client, KEYS, block_ms=50, rules=RULES)
+    client.xadd(KEYS.groups, {"msg": b"\xc1"})
+    client.xadd(KEYS.groups, {"msg": encode(group("ok", 0))})
+    consumer.pull(1, current_version=0, max_staleness=2, counts=Counts())
+    entries = client.xrange(KEYS.deadletter)
+    assert [set(fields) for _, fields in entries[1:]] == [{b"msg"}]
+    (_, legacy), (_, new) = read_dead_letters(client, KEYS)
+    assert legacy.kind == new.kind == "undecodable"
+    assert raw_bytes(legacy) == b"\x93old" and legacy.reason == "not a msgpack message"
+    assert base64.b64decode(new.raw) == b"\xc1"

@@ -1,5 +1,7 @@
 """kill -9 the trainer mid-run and restart it with --resume: every group produced ends up trained
-exactly once — in the Redis ledger and in the steps the final model actually went through."""
+exactly once — in the Redis ledger and in the steps the final model actually went through — even when
+the stream holds second copies of groups (before and after the crash, committed or not) and groups the
+trainer cannot train, which are dead-lettered once and never crash it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import redis
 import yaml
 from trainer_data import generate_groups, push
 
+from proto import Completion
+from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
 
 pytestmark = pytest.mark.integration
@@ -73,7 +77,19 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
         )
     )
     groups = generate_groups(tiny_model_dir, 10, seed=7)
-    push(redis_url, groups[:6])  # three steps' worth: the trainer then waits for more
+    no_b = groups[0].model_copy(update={"group_id": "poison-no-b", "rewards": {"a": groups[0].rewards["a"]}})
+    sampled = groups[1].completions[0]
+    outside = Completion(
+        token_ids=[*sampled.token_ids[:-1], 10**6], logprobs=sampled.logprobs, text="", finish_reason="length"
+    )
+    vocab = groups[1].model_copy(update={"group_id": "poison-vocab", "completions": [outside] * 4})
+    client = redis.Redis.from_url(redis_url)
+    # Three steps' worth, the trainer then waits for more. Step 1 trains g0, g1; step 2 meets the second
+    # copy of g0 (pulled in step 1, not yet committed: same checkpoint window) and trains g2, g3; step 3
+    # meets two groups it cannot train and undecodable bytes, trains g4 and skips g4's second copy.
+    push(redis_url, [*groups[:2], groups[0], *groups[2:4], no_b, vocab])
+    client.xadd(KEYS.groups, {"msg": b"\x93garbage"})
+    push(redis_url, [groups[4], groups[4], groups[5]])
 
     first = start_trainer(config)
     deadline = time.monotonic() + 300
@@ -85,22 +101,40 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
     os.killpg(first.pid, signal.SIGKILL)  # step 3 trained, not checkpointed, not acknowledged
     first.wait()
 
-    client = redis.Redis.from_url(redis_url)
     assert client.scard(KEYS.trained) == 4  # only what checkpoint step-2 holds
-    assert client.xpending(KEYS.groups, KEYS.trainer_group)["pending"] == 2
+    assert client.xpending(KEYS.groups, KEYS.trainer_group)["pending"] == 2  # g4, g5; never a copy
+    assert client.xlen(KEYS.deadletter) == 3
+    assert [
+        (r["duplicates_total"], r["untrainable_total"], r["undecodable_total"]) for r in journal(run_dir)
+    ] == [
+        (0, 0, 0),
+        (1, 0, 0),
+        (2, 2, 1),
+    ]
 
-    push(redis_url, groups[6:])
+    # After the crash: copies of g5 (pending: redelivered and trained again at step 3), of g1 (committed)
+    # and of a dead-lettered group, between the last four groups.
+    push(redis_url, [groups[6], groups[5], groups[7], groups[1], groups[8], vocab, groups[9]])
     second = start_trainer(config, "--resume")
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
 
     produced = {g.group_id for g in groups}
     assert {m.decode() for m in client.smembers(KEYS.trained)} == produced
-    assert client.scard(KEYS.stale) == 0 and client.scard(KEYS.dead) == 0
+    assert {m.decode() for m in client.smembers(KEYS.dead)} == {"poison-no-b", "poison-vocab"}
+    assert client.scard(KEYS.stale) == 0
     assert client.xpending(KEYS.groups, KEYS.trainer_group)["pending"] == 0
+    letters = [letter for _, letter in read_dead_letters(client, KEYS)]  # each once, none again after resume
+    assert [(x.kind, x.group_id) for x in letters] == [
+        ("untrainable", "poison-no-b"),
+        ("untrainable", "poison-vocab"),
+        ("undecodable", None),
+    ]
+    assert raw_bytes(letters[2]) == b"\x93garbage"
 
     records = journal(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 3, 4, 5]  # step 3 was redone after the crash
+    assert records[-1]["duplicates_total"] == 3  # the copies of g5, g1 and poison-vocab
     effective = {r["step"]: r["group_ids"] for r in records}  # the later record of a step wins
     lineage = [gid for step in sorted(effective) for gid in effective[step]]
     assert sorted(lineage) == sorted(produced)  # each group in the final model's history exactly once
