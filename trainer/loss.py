@@ -134,12 +134,21 @@ def token_logprobs_from_logits(logits: Tensor, token_ids: Tensor, chunk_rows: in
 
 
 def entropy_from_logits(logits: Tensor, chunk_rows: int = 256) -> Tensor:
-    """Entropy of softmax(logits) per position in float32: logsumexp(l) − Σ softmax(l)·l."""
-    return _chunked(
-        lambda rows: rows.logsumexp(dim=-1) - (rows.softmax(dim=-1) * rows).sum(dim=-1),
-        logits,
-        chunk_rows,
-    ).reshape(logits.shape[:-1])
+    """Entropy of softmax(logits) per position in float32: −Σ p·log p over the tokens, with p·log p = 0
+    where p = 0.
+
+    A logit of −inf (a token masked out) has p = 0 and contributes nothing, so ``[0, −inf]`` has entropy
+    0 and ``[0, 0, −inf]`` ln 2, with finite gradients. Computed as p·max(log p, finfo.min) on the
+    normalised log-probs, as ``torch.distributions.Categorical`` does: the naive logsumexp(l) − Σ p·l
+    takes 0·(−inf) = NaN for a masked token, in the value and in the gradient of every position, and
+    subtracts two large numbers when the logits are large.
+    """
+    return _chunked(_entropy_rows, logits, chunk_rows).reshape(logits.shape[:-1])
+
+
+def _entropy_rows(rows: Tensor) -> Tensor:
+    log_p = rows.log_softmax(dim=-1)
+    return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(dim=-1)
 
 
 def _chunked(fn: Callable[..., Tensor], logits: Tensor, chunk_rows: int, *aligned: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainer.loss import entropy_from_logits, policy_loss, token_logprobs_from_logits
 
@@ -176,3 +178,69 @@ def test_entropy_from_logits():
     uniform = entropy_from_logits(torch.zeros(2, 8))
     torch.testing.assert_close(uniform, torch.full((2,), math.log(8)))
     assert entropy_from_logits(torch.zeros(0, 3, 8)).shape == (0, 3)
+
+
+def _entropy_and_gradient(logits: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = logits.clone().requires_grad_(True)
+    value = fn(leaf)
+    value.sum().backward()
+    return value.detach(), leaf.grad
+
+
+def _categorical(logits: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.Categorical(logits=logits).entropy()
+
+
+def test_entropy_of_a_masked_token_is_zero_not_nan():
+    """A −inf logit (a masked token) has probability 0 and adds nothing: [0, −inf] has entropy 0 and
+    [0, 0, −inf] ln 2 = 0.693147, with finite gradients, as torch.distributions.Categorical."""
+    value, gradient = _entropy_and_gradient(torch.tensor([[0.0, -math.inf]]), entropy_from_logits)
+    assert value.tolist() == [0.0] and torch.isfinite(gradient).all()
+    value, gradient = _entropy_and_gradient(torch.tensor([[0.0, 0.0, -math.inf]]), entropy_from_logits)
+    assert value.item() == pytest.approx(0.693147, abs=1e-6) and torch.isfinite(gradient).all()
+    assert torch.equal(gradient, torch.zeros(1, 3))  # the uniform pair is the maximum: gradient 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    vocab=st.integers(1, 9),
+    scale=st.sampled_from([1.0, 30.0, 1e4]),
+    chunk_rows=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_entropy_matches_categorical_with_masked_tokens(rows, vocab, scale, chunk_rows, seed):
+    """Any logits, large ones and −inf ones included (each row keeps one finite logit): value and gradient
+    equal torch.distributions.Categorical's, and both are finite."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator) * scale
+    masked = torch.rand(rows, vocab, generator=generator) < 0.4
+    masked[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=generator)] = False
+    logits = logits.masked_fill(masked, -math.inf)
+    value, gradient = _entropy_and_gradient(logits, lambda x: entropy_from_logits(x, chunk_rows=chunk_rows))
+    expected, expected_gradient = _entropy_and_gradient(logits, _categorical)
+    assert torch.isfinite(value).all() and torch.isfinite(gradient).all()
+    torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-5, rtol=1e-5)
+
+
+def test_the_loss_stays_finite_with_masked_tokens_sampled_or_not():
+    """−inf logits reach the loss through the entropy bonus and through the log-prob of a token the
+    policy now masks (sampled before): log π = −inf is a true value, the clamped ratio and KL keep the
+    loss and every gradient finite."""
+    logits = torch.tensor([[[0.0, -math.inf, 1.0], [0.5, 0.0, -math.inf]]], requires_grad=True)
+    logprobs = token_logprobs_from_logits(logits, torch.tensor([[1, 0]]))
+    assert logprobs[0, 0] == -math.inf
+    loss, stats = policy_loss(
+        logprobs,
+        torch.full((1, 2), -1.0),
+        torch.ones(1, 2),
+        torch.ones(1, 2),
+        ref_logprobs=torch.full((1, 2), -1.0),
+        kl_coef=0.1,
+        entropy=entropy_from_logits(logits),
+        entropy_coef=0.01,
+    )
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in stats.values())
+    assert torch.isfinite(logits.grad).all()
