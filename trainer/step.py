@@ -79,12 +79,14 @@ def _denominator(mask: torch.Tensor, agg: str) -> float:
     return float(mask.sum()) if agg == "token-mean" else float((mask.sum(dim=1) > 0).sum())
 
 
-def _rows_that_train(advantages: torch.Tensor, trainer: TrainerConfig) -> torch.Tensor:
+def _rows_that_train(
+    advantages: torch.Tensor, response_mask: torch.Tensor, trainer: TrainerConfig
+) -> torch.Tensor:
     """[N] bool: rows with a gradient. Without a KL or entropy term a row whose advantage is 0 on every
     token (dropped by the conflict filter, or a group without variance) adds exactly nothing: its PPO
     term is −0·ratio. Loss statistics average over these rows whether idle rows are forwarded or not."""
     if trainer.kl_coef or trainer.entropy_coef:
-        return torch.ones(advantages.shape[0], dtype=torch.bool)
+        return response_mask.sum(dim=1) > 0  # a row without a response token has nothing to train
     return (advantages != 0).any(dim=1)
 
 
@@ -109,7 +111,8 @@ def _frozen_logprobs(
             )[0]
             for rows in torch.arange(batch.size).split(rows_per_forward)
         ]
-    return torch.cat(parts) * batch.response_mask
+    # where, not ×: a −inf log-prob at a padding position times 0 would be NaN
+    return torch.where(batch.response_mask.bool(), torch.cat(parts), 0.0)
 
 
 def train_on(
@@ -141,7 +144,8 @@ def train_on(
     if trainer.recompute_old_logprobs:
         old_logprobs = _frozen_logprobs(engine, batch, max(batch.size, 1))
     ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
-    trains = _rows_that_train(advantages, trainer)
+    trains = _rows_that_train(advantages, batch.response_mask, trainer)
+    has_response = batch.response_mask.sum(dim=1) > 0
     accumulation = engine.accumulation_steps
     # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
     by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
@@ -154,8 +158,9 @@ def train_on(
         for mini in torch.tensor_split(order, trainer.mini_batches):
             total = _denominator(batch.response_mask[mini], trainer.loss_agg)
             stats_total = float(batch.response_mask[mini[trains[mini]]].sum())
-            if trainer.skip_idle_rows:  # the denominator above still counts them: same gradient
-                mini = mini[trains[mini]]
+            # Skipped rows still count in the denominator above: same gradient. A row without a
+            # response token is never forwarded: it has no target to score.
+            mini = mini[trains[mini] if trainer.skip_idle_rows else has_response[mini]]
             micro_rows = _micro_batches(mini, accumulation, batch.group_index if by_group else None)
             count = _agreed_count(len(micro_rows))
             if count == 0:
@@ -184,7 +189,11 @@ def train_on(
                         entropy_coef=trainer.entropy_coef,
                         stats_mask=batch.response_mask[rows] * trains[rows, None],
                     )
-                    share = _denominator(batch.response_mask[rows], trainer.loss_agg) / total
+                    # total is 0 only when no row of the mini-batch has a response token (idle rows
+                    # forwarded with skip_idle_rows off): nothing to weigh, zero gradient.
+                    share = (
+                        _denominator(batch.response_mask[rows], trainer.loss_agg) / total if total else 0.0
+                    )
                     # DeepSpeed divides every micro-batch loss by `accumulation`: undo it, the shares
                     # already make the micro-batches add up to the mini-batch's aggregation.
                     engine.backward(loss * share * accumulation, last=last)

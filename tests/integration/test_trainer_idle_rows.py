@@ -194,3 +194,30 @@ def test_a_step_runs_one_backward_per_micro_batch_it_trains(tiny_model_dir: Path
     assert calls[0] == 1 and engine.engine.global_steps == 1
     assert record["optimizer_steps"] == 1 and record["rows_trained"] == 4
     assert any(not torch.equal(initial[n], p) for n, p in engine.module.named_parameters())
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_rows_without_a_response_token_train_nothing_and_break_nothing(
+    tiny_model_dir: Path, skip: bool
+) -> None:
+    """A group whose every completion is empty (the trainer's admission rules refuse one at pull time;
+    train_on must not depend on it), with an entropy term that gives every other row a gradient: the
+    step runs, its statistics stay finite and the empty rows count neither as trained nor in the stats
+    (was ZeroDivisionError, or DeepSpeed's "loss must be a scalar" before)."""
+    groups = generate_groups(tiny_model_dir, 2, seed=9)
+    for completion in groups[1].completions:
+        completion.token_ids, completion.logprobs = [], []
+    groups[1].rewards = {"a": [1.0, 0.0, 1.0, 0.0], "b": [0.0] * 4}
+    cfg = config(tiny_model_dir, skip)
+    cfg.trainer.entropy_coef = 0.01
+    engine = PolicyEngine(cfg)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    advantages, _, _ = advantages_for(batch, cfg)
+
+    record = train_on(engine, batch, advantages, cfg)
+
+    assert record["optimizer_steps"] == 1
+    assert record["rows_trained"] == 4  # the empty rows are not forwarded, whatever skip_idle_rows says
+    # grad_norm is NaN by DeepSpeed's choice here: without gradient clipping it does not compute one
+    assert {k for k, v in record.items() if not math.isfinite(v)} == {"grad_norm"}
+    assert record["entropy"] > 0
