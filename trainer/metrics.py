@@ -27,7 +27,7 @@ SCALARS = {
     "kl_ref": "KL to the reference policy (k3; 0 unless trainer.kl_coef > 0)",
     "entropy": "Mean token entropy (0 unless entropy is computed)",
     "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
-    "tokens_per_second": "Trained tokens per second of step time",
+    "tokens_per_second": "Response tokens trained per second of step time (skipped idle rows not counted)",
     "rows_trained": "Rollouts forwarded per optimizer step (rows with an all-zero advantage are skipped)",
     "optimizer_steps": "Optimizer steps in the last trainer step (0 when no rollout had a gradient)",
     "queue_depth": "Groups waiting in the stream for the trainer",

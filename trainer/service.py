@@ -217,7 +217,6 @@ class Trainer:
             for age in staleness:
                 self.metrics.staleness.observe(age)
         state.groups_trained += len(groups)
-        trained_tokens = float(batch.response_mask.sum())
         step_time = (
             wait + advantage_time + record["phase/forward_backward"] + record["phase/optimizer"] + publish
         )
@@ -228,7 +227,7 @@ class Trainer:
                 "policy_version": state.policy_version,
                 "groups": len(groups),
                 "group_ids": [g.group_id for g in groups],
-                "tokens_per_second": trained_tokens / max(step_time - wait, 1e-9),
+                "tokens_per_second": record["tokens_trained"] / max(step_time - wait, 1e-9),
                 "phase/wait": wait,
                 "phase/advantages": advantage_time,
                 "phase/publish": publish,

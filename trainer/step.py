@@ -133,7 +133,8 @@ def train_on(
     that train (``_rows_that_train``), so ``skip_idle_rows`` changes what is forwarded, never what is
     reported; ``pg_loss``/``loss`` is the optimised objective, whose aggregation counts every valid
     token of the mini-batch (idle rows add 0 to it). ``rows_trained`` is the mean number of rows
-    forwarded per optimizer step."""
+    forwarded per optimizer step, ``tokens_trained`` the response tokens forwarded in all of them (this
+    rank's shard)."""
     trainer = config.trainer
     if trainer.kl_coef and reference is None:
         raise ValueError("trainer.kl_coef > 0 needs a reference policy")
@@ -151,6 +152,7 @@ def train_on(
     by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
     totals: dict[str, float] = {}
     updates = rows_trained = 0
+    tokens_trained = 0.0
     forward_backward = optimizer = 0.0
     generator = torch.Generator().manual_seed(config.run.seed)
     for _ in range(trainer.ppo_epochs):
@@ -166,6 +168,7 @@ def train_on(
             if count == 0:
                 continue  # nothing trains on any rank: no optimizer step (see the docstring)
             rows_trained += mini.numel()
+            tokens_trained += float(batch.response_mask[mini].sum())
             for index in range(count):
                 rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
                 last = index == count - 1
@@ -221,6 +224,7 @@ def train_on(
             "phase/optimizer": optimizer,
             "rows_trained": rows_trained / updates if updates else 0.0,
             "optimizer_steps": float(updates),
+            "tokens_trained": tokens_trained,
         }
     )
     return record

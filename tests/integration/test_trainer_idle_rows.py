@@ -169,7 +169,7 @@ def test_a_step_with_nothing_to_train_runs_no_backward_and_no_optimizer_step(tin
 
     assert calls[0] == 0
     assert engine.engine.global_steps == 0
-    assert record["optimizer_steps"] == 0 and record["rows_trained"] == 0
+    assert record["optimizer_steps"] == 0 and record["rows_trained"] == record["tokens_trained"] == 0
     assert record["grad_norm"] == 0.0 and record["loss"] == 0.0
     assert all(torch.equal(initial[n], p) for n, p in engine.module.named_parameters())
 
@@ -193,6 +193,7 @@ def test_a_step_runs_one_backward_per_micro_batch_it_trains(tiny_model_dir: Path
     assert engine.accumulation_steps == 4
     assert calls[0] == 1 and engine.engine.global_steps == 1
     assert record["optimizer_steps"] == 1 and record["rows_trained"] == 4
+    assert record["tokens_trained"] == 4 * 8  # tokens_per_second counts these, not the 12 rows' 96
     assert any(not torch.equal(initial[n], p) for n, p in engine.module.named_parameters())
 
 
