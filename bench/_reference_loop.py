@@ -1,4 +1,4 @@
-"""Straightforward per-group loop implementation of ALGORITHM.md: the oracle for the vectorised one.
+"""Straightforward per-group loop implementation of docs/algorithm.md: the oracle for the vectorised one.
 
 Readable first: a dict of groups, one loop over them per reward, float64 throughout and token-level
 whitening on the full [N, T] tensor. The unit tests cross-check `trainer.algorithms.compute_advantages`

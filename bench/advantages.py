@@ -1,7 +1,8 @@
 """Benchmark the vectorised advantage estimators against masked whitening and the per-group loop.
 
-Run from the repository root: `python -m bench.advantages`. Targets (ALGORITHM.md batch size: 2048
-prompts × 4 rollouts, K = 3, responses ≤ 1024 tokens): each estimator ≤ 3× one masked-whitening pass
+Run from the repository root: `python -m bench.advantages`. Targets, on a batch of 2048
+prompts × 4 rollouts, K = 3, responses ≤ 1024 tokens (four times the published 512 prompts per step,
+docs/algorithm.md §10, to stress the vectorised code): each estimator ≤ 3× one masked-whitening pass
 over the same [N, T] tensor, and ≥ 10× faster than the straightforward per-group loop.
 """
 

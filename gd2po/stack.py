@@ -44,7 +44,7 @@ def _count_cpus(cpu_list: str) -> int:
 def split_cores(cpus: list[int], synchronous: bool) -> dict[str, str]:
     """The cores of an asynchronous run, split: the rollout (with the reward services) on the first half,
     the trainer on the other half. Both sides compute at once, and thread pools that each size themselves
-    to every core oversubscribe them (measured on 2 cores: 6× slower steps). A synchronous run
+    to every core oversubscribe them (several times slower steps: bench/RESULTS.md, Pipeline). A synchronous run
     alternates the two sides, so each keeps every core."""
     if synchronous or len(cpus) < 2:
         return {}

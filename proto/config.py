@@ -156,8 +156,8 @@ class RolloutConfig(_Section):
         default=64, ge=1, description="Pause generation above this many unconsumed groups."
     )
     kv_cache_gib: float = Field(default=1.0, gt=0)
-    # False compiles the model (CUDA graphs on GPUs, torch.compile on CPU): measured on the demo model on
-    # one CPU core, +11 % decode tokens/s for a 54 s start instead of 9 s. True keeps short runs short.
+    # False compiles the model (CUDA graphs on GPUs, torch.compile on CPU): faster decoding for a much
+    # slower start (bench/RESULTS.md, "Figures moved out of code comments"). True keeps short runs short.
     enforce_eager: bool = True
     retry: RetryConfig = Field(default_factory=RetryConfig)
     producer_id: str | None = Field(
@@ -193,7 +193,7 @@ class TrainerConfig(_Section):
     clip_high: float = 0.2
     dual_clip: float | None = 3.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    # Low-variance (k3) KL to a frozen reference policy, off in the paper's runs (ALGORITHM.md §8).
+    # Low-variance (k3) KL to a frozen reference policy, off in the paper's runs (docs/algorithm.md §8).
     kl_coef: float = Field(default=0.0, ge=0)
     reference_path: Path | None = Field(
         default=None, description="Reference policy for kl_coef > 0 (default: model.path, the start)."
@@ -204,7 +204,8 @@ class TrainerConfig(_Section):
     # nothing to the PPO gradient; skipping their forward/backward gives the same update, faster.
     skip_idle_rows: bool = True
     # The G rollouts of a group share their prompt: forward it once per group with gradients and run the
-    # responses on its cache (same values and gradients; on ~600-token prompts about a third of the work).
+    # responses on its cache (same values and gradients, much less work when prompts are longer than
+    # responses; bench/RESULTS.md).
     # A micro-batch then holds whole groups (those of ⌈groups / accumulation steps⌉), so its memory is one
     # prompt + G responses per group rather than train_micro_batch_size rows: turn it off if a group's
     # responses do not fit. Off by itself under multi-rank ZeRO-3 (ranks must run equal forwards).

@@ -23,7 +23,7 @@ from rollout_service.rewards_client import RewardClient, RewardFailure
 from rollout_service.weights import PolicyFollower
 
 log = logging.getLogger("rollout_service.loop")
-POLL_S = 0.05  # a Redis round trip is ~0.1 ms; in synchronous mode this latency is on every step
+POLL_S = 0.05  # a cheap poll; in synchronous mode up to this much latency is added to every step
 
 
 def training_sampling(config: ExperimentConfig) -> Sampling:

@@ -221,8 +221,8 @@ def response_logprobs(
     for a temperature ≤ 0 (greedy decoding has no log-probs to train on).
 
     The LM head runs only from the first response target on (``logits_to_keep``): no loss term reads a
-    prompt position, and on the demo (~830-token prompts, 96-token answers, 49k vocabulary) the
-    prompt's logits were most of the activation memory of a forward.
+    prompt position, and with prompts much longer than the answers and a large vocabulary the prompt's
+    [length, vocabulary] logits would be most of the activation memory of a forward.
 
     ``share_prompt``: the caller vouches that the rows may be one group; when they really share their
     prompt (:func:`shares_one_prompt`) it is forwarded once. Callers decide, never the data alone: under
@@ -271,8 +271,8 @@ def _logits_after_shared_prompt(
     The prompt (positions 0 … first) goes through the model once, with gradients; its key/value cache is
     repeated for the n rows and the responses are run on top of it. Gradients flow through the repeated
     cache back into the one prompt forward, summed over the rows, so values and gradients equal n full
-    forwards (tests/unit/test_response_logprobs.py) at the cost of one prompt and n responses: on the
-    demo (~600-token prompts, ≤ 128-token answers, G = 4) about a third of the work."""
+    forwards (tests/unit/test_response_logprobs.py) at the cost of one prompt and n responses instead of
+    n prompts and n responses (the saving on the demo: bench/RESULTS.md)."""
     rows, prompt_length = input_ids.shape[0], first + 1
     prompt = model(
         input_ids=input_ids[:1, :prompt_length],

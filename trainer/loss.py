@@ -1,4 +1,4 @@
-"""PPO-clip policy loss with dual clip (ALGORITHM.md §8) and the log-prob / entropy helpers it needs."""
+"""PPO-clip policy loss with dual clip (docs/algorithm.md §8) and the log-prob / entropy helpers it needs."""
 
 from collections.abc import Callable
 

@@ -1,4 +1,4 @@
-"""Example-based tests of the advantage estimators: ALGORITHM.md §6 worked example and §11 edge cases."""
+"""Example-based tests of the advantage estimators: docs/algorithm.md §6 worked example and §11 edge cases."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from trainer.algorithms import ESTIMATORS, Decision, compute_advantages, masked_whiten, register_estimator
 
-# ALGORITHM.md §6: two prompts, G = 4, rewards (correctness, length), every L = 10.
+# docs/algorithm.md §6: two prompts, G = 4, rewards (correctness, length), every L = 10.
 EXAMPLE_REWARDS = torch.tensor(
     [[3, 0.2], [3, 0.8], [-3, 0.9], [-3, 0.1], [0, 0.5], [0, 0.5], [0, 0.5], [0, 0.5]], dtype=torch.float64
 )

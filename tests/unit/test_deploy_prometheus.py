@@ -8,7 +8,7 @@ from deploy_tools import DEPLOY, promtool, run
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.yml"))
-# The alerts the deployment promises (DESIGN §6, issue 8).
+# The alerts the deployment promises (docs/operations.md §4, issue 8).
 REQUIRED_ALERTS = {
     "GD2POConflictRatioSpike",
     "GD2POAllFilteredBatches",

@@ -1,4 +1,4 @@
-"""Tests of the PPO-clip / dual-clip policy loss (ALGORITHM.md §8) and the logits helpers."""
+"""Tests of the PPO-clip / dual-clip policy loss (docs/algorithm.md §8) and the logits helpers."""
 
 import math
 

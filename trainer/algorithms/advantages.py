@@ -45,7 +45,7 @@ def compute_advantages(
     reward_names: Sequence[str] | None = None,
 ) -> AdvantageEstimate:
     """Token advantages [N, T] (float32), metrics and per-group κ for N rollouts with K rewards
-    (ALGORITHM.md).
+    (docs/algorithm.md).
 
     Args:
         estimator: a name in `ESTIMATORS` — "grpo", "gdpo", "gd2po_hard", "gd2po_snr".

@@ -1,6 +1,6 @@
 """The per-rollout quantities every estimator and metric reads, computed once per batch.
 
-Everything here is float64 on [N] or [N, K] vectors: per-reward group advantages (ALGORITHM.md §2),
+Everything here is float64 on [N] or [N, K] vectors: per-reward group advantages (docs/algorithm.md §2),
 their weighted sum, the conflict flag (§4.2) and the signal-to-noise ratio ρ (§4.3).
 """
 
@@ -44,7 +44,7 @@ class Batch:
 def prepare_batch(rewards: Tensor, weights: Tensor, groups: Groups, options: Options) -> Batch:
     """Compute the shared quantities from validated float64 `rewards` [N, K] and `weights` [K].
 
-    The conflict test reads sign(w_k)·A_ik rather than A_ik: identical to §4.2 for the positive weights
+    The conflict test (§4.2) reads sign(w_k)·A_ik rather than A_ik: the same for the positive weights
     of every published run, while a zero-weight reward cannot make a rollout conflicting and a
     negative weight (a cost) pushes in the opposite direction of its advantage.
     """

@@ -3,6 +3,7 @@
 The shared work — validation, per-reward normalisation, conflict and ρ, whitening, broadcasting to
 tokens, metrics — lives in `compute_advantages`. An estimator only decides which rollouts train and
 with which per-rollout score, so adding one is one function decorated with `@register_estimator`.
+Section numbers (§) refer to docs/algorithm.md.
 """
 
 from collections.abc import Callable

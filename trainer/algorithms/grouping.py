@@ -3,7 +3,7 @@
 Group ids are opaque (any order, sizes or values, including negative or huge ones): `torch.unique`
 maps them to dense indices, so every statistic is one `index_add_` / `scatter_reduce_` over the batch
 instead of a Python loop over groups. Statistics are float64 so the signs that the conflict test of
-ALGORITHM.md §4.2 reads off the advantages are not polluted by float32 residuals.
+docs/algorithm.md §4.2 reads off the advantages are not polluted by float32 residuals.
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 STD_EPS = 1e-6
-"""Added to the group std before dividing (ALGORITHM.md §2), as in the release."""
+"""Added to the group std before dividing (docs/algorithm.md §2), as in the release."""
 
 CONSTANT_RTOL = 1e-12
 """A group is constant in a dimension when max − min ≤ CONSTANT_RTOL·max(|max|, |min|).
@@ -57,7 +57,7 @@ def _group_reduce(values: Tensor, groups: Groups, reduce: str) -> Tensor:
 
 
 def group_normalize(rewards: Tensor, groups: Groups, *, norm_by_std: bool) -> tuple[Tensor, Tensor]:
-    """Per-column group advantages of ALGORITHM.md §2 for float64 `rewards` [N, K].
+    """Per-column group advantages of docs/algorithm.md §2 for float64 `rewards` [N, K].
 
     Returns `(advantages [N, K], constant [G, K])`. A group of size ≥ 2 whose rewards in a column are
     all equal (see `CONSTANT_RTOL`) gets exactly 0, for any group size. A singleton group uses mean 0

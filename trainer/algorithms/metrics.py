@@ -1,4 +1,4 @@
-"""Conflict and filtering metrics (ALGORITHM.md §7), identical for every estimator so baselines compare.
+"""Conflict and filtering metrics (docs/algorithm.md §7), identical for every estimator so baselines compare.
 
 All ratios are over rollouts of the batch unless named after groups; see `compute_advantages` for
 the full list of keys.

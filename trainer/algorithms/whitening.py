@@ -1,4 +1,4 @@
-"""Token-weighted batch whitening (ALGORITHM.md §5), the normalisation GDPO and GD²PO end with."""
+"""Token-weighted batch whitening (docs/algorithm.md §5), the normalisation GDPO and GD²PO end with."""
 
 import torch
 from torch import Tensor
