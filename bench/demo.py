@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-demo")
     parser.add_argument("--fresh", action="store_true", help="Rerun seeds whose run folder exists.")
     args = parser.parse_args()
+    args.config = args.config.resolve()  # the report names it relative to the repository
 
     header = f"`python -m bench.demo --seeds {' '.join(map(str, args.seeds))}` · {utc_now()} · {machine()}"
     lines = [
