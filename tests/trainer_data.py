@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from proto import Completion, ScoredGroup, encode
+from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 
 PROMPTS = ["What is the capital of France?", "Name a prime number.", "Say hello.", "Count to three.", "Why?"]
@@ -74,3 +75,15 @@ def push(redis_url: str, groups: list[ScoredGroup], keys: RedisKeys = RedisKeys(
         client.xadd(keys.groups, {"msg": encode(group)})
     client.incrby(keys.produced, len(groups))
     client.close()
+
+
+def trainer_experiment(tmp_path: Path, model_dir: Path, redis_url: str, trainer: dict) -> ExperimentConfig:
+    """A trainer experiment on `model_dir` and a real Redis: rewards "a" and "b" (their services are never
+    called: groups arrive already scored), the run folder under `tmp_path`, `trainer` as the section."""
+    return ExperimentConfig(
+        run={"output_dir": tmp_path / "run"},
+        redis={"url": redis_url},
+        model={"path": model_dir},
+        rewards=[{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:1"}],
+        trainer=trainer,
+    )

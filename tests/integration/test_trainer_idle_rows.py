@@ -151,6 +151,16 @@ def _count_backward_calls(engine: PolicyEngine) -> list[int]:
     return calls
 
 
+def _one_counted_step(cfg: ExperimentConfig, groups) -> tuple[PolicyEngine, dict, list[int], dict]:
+    """A fresh engine's weights, then one train_on of `groups` counting DeepSpeed backward calls."""
+    engine = PolicyEngine(cfg)
+    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    calls = _count_backward_calls(engine)
+    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
+    advantages, _, _ = advantages_for(batch, cfg)
+    return engine, initial, calls, train_on(engine, batch, advantages, cfg)
+
+
 def test_a_step_with_nothing_to_train_runs_no_backward_and_no_optimizer_step(tiny_model_dir: Path) -> None:
     """Issue 13 item 7: every group without variance → no backward at all (the demo spent 13.6 s on
     eight empty ones), no optimizer step: AdamW with weight decay would still have moved the weights."""
@@ -159,13 +169,8 @@ def test_a_step_with_nothing_to_train_runs_no_backward_and_no_optimizer_step(tin
         group.rewards = {"a": [1.0] * 4, "b": [0.25] * 4}
     cfg = config(tiny_model_dir, skip=True)
     cfg.trainer.deepspeed["optimizer"] = {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}}
-    engine = PolicyEngine(cfg)
-    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    calls = _count_backward_calls(engine)
-    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
-    advantages, _, _ = advantages_for(batch, cfg)
 
-    record = train_on(engine, batch, advantages, cfg)
+    engine, initial, calls, record = _one_counted_step(cfg, groups)
 
     assert calls[0] == 0
     assert engine.engine.global_steps == 0
@@ -181,14 +186,8 @@ def test_a_step_runs_one_backward_per_micro_batch_it_trains(tiny_model_dir: Path
     groups[0].rewards = {"a": [1.0] * 4, "b": [0.25] * 4}
     groups[1].rewards = {"a": [1.0, 0.0, 0.0, 1.0], "b": [0.0] * 4}
     groups[2].rewards = {"a": [0.5] * 4, "b": [0.5] * 4}
-    cfg = config(tiny_model_dir, skip=True)
-    engine = PolicyEngine(cfg)
-    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    calls = _count_backward_calls(engine)
-    batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
-    advantages, _, _ = advantages_for(batch, cfg)
 
-    record = train_on(engine, batch, advantages, cfg)
+    engine, initial, calls, record = _one_counted_step(config(tiny_model_dir, skip=True), groups)
 
     assert engine.accumulation_steps == 4
     assert calls[0] == 1 and engine.engine.global_steps == 1

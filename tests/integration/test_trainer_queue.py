@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from trainer_data import generate_groups, push
+from trainer_data import generate_groups, push, trainer_experiment
 
 from gd2po.runlog import read_steps
 from proto import Completion, PolicyAnnouncement, encode
@@ -27,12 +27,11 @@ KEYS = RedisKeys()
 
 
 def experiment(tmp_path: Path, model_dir: Path, redis_url: str, **trainer) -> ExperimentConfig:
-    return ExperimentConfig(
-        run={"output_dir": tmp_path / "run"},
-        redis={"url": redis_url},
-        model={"path": model_dir},
-        rewards=[{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:1"}],
-        trainer={
+    return trainer_experiment(
+        tmp_path,
+        model_dir,
+        redis_url,
+        {
             "prompts_per_step": 2,
             "lr": 1e-4,
             "metrics_port": 0,

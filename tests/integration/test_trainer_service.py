@@ -20,7 +20,7 @@ import torch
 from live_server import serve
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
-from trainer_data import PLANTED, generate_groups, push
+from trainer_data import PLANTED, generate_groups, push, trainer_experiment
 from transformers import AutoModelForCausalLM
 
 from gd2po.runlog import read_steps
@@ -39,12 +39,11 @@ os.environ.setdefault(
 
 
 def experiment(tmp_path: Path, model_dir: Path, redis_url: str, stage: int, **trainer) -> ExperimentConfig:
-    return ExperimentConfig(
-        run={"output_dir": tmp_path / "run"},
-        redis={"url": redis_url},
-        model={"path": model_dir},
-        rewards=[{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:1"}],
-        trainer={
+    return trainer_experiment(
+        tmp_path,
+        model_dir,
+        redis_url,
+        {
             "total_steps": 2,
             "prompts_per_step": 2,
             "lr": 1e-3,
