@@ -10,17 +10,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from gd2po.environment import process_environment
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 REPO = Path(__file__).resolve().parents[1]
-# What the Makefile exports, for the processes a bench starts itself: offline model loading, the
-# vLLM-CPU KV cache size, and DeepSpeed's compiled ops cached in the project.
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-}
+ENV = process_environment(REPO)  # for the processes a bench starts itself
 
 
 def cpu_model() -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -20,6 +19,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from tqdm.asyncio import tqdm
 
 from gd2po.apibank import Sample, SampleScore, load_api_bank, score_sample, summarise
+from gd2po.environment import process_environment
 from gd2po.ports import free_port
 from gd2po.processes import Child
 
@@ -143,11 +143,7 @@ def served(
             *("--host", "127.0.0.1", "--port", str(port), "--seed", "42", "--enforce-eager"),
         ],
         log_path=log_path,
-        env={
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        },
+        env=process_environment(),
     ).start(cwd=Path.cwd())
     url = f"http://127.0.0.1:{port}"
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from gd2po.environment import process_environment
 from gd2po.ports import free_port
 from gd2po.processes import Child
 from gd2po.progress import cold_start_progress
@@ -115,13 +116,7 @@ class Stack:
         return {
             "GD2PO_REDIS__URL": self.redis_url,
             "GD2PO_RUN__OUTPUT_DIR": str(self.run_dir),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            "TORCH_EXTENSIONS_DIR": os.environ.get(
-                "TORCH_EXTENSIONS_DIR", str(self.repo_root / ".cache" / "torch_extensions")
-            ),
+            **process_environment(self.repo_root),
             "PYTHONUNBUFFERED": "1",
             **({"GD2PO_MODEL__PATH": self.model_override} if self.model_override else {}),
         }

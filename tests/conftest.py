@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from gd2po.environment import process_environment
 from gd2po.models import DEFAULT_MODEL_DIR, build_tiny_model, prepare_smollm2
 from gd2po.ports import free_port
 from gd2po.redis_server import RedisProcess
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _name, _value in process_environment().items():
+    os.environ.setdefault(_name, _value)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
