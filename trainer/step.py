@@ -80,13 +80,13 @@ def _denominator(mask: torch.Tensor, agg: str) -> float:
 
 
 def _rows_that_train(
-    advantages: torch.Tensor, response_mask: torch.Tensor, trainer: TrainerConfig
+    advantages: torch.Tensor, has_response: torch.Tensor, trainer: TrainerConfig
 ) -> torch.Tensor:
     """[N] bool: rows with a gradient. Without a KL or entropy term a row whose advantage is 0 on every
     token (dropped by the conflict filter, or a group without variance) adds exactly nothing: its PPO
     term is −0·ratio. Loss statistics average over these rows whether idle rows are forwarded or not."""
     if trainer.kl_coef or trainer.entropy_coef:
-        return response_mask.sum(dim=1) > 0  # a row without a response token has nothing to train
+        return has_response  # a row without a response token has nothing to train
     return (advantages != 0).any(dim=1)
 
 
@@ -145,8 +145,8 @@ def train_on(
     if trainer.recompute_old_logprobs:
         old_logprobs = _frozen_logprobs(engine, batch, max(batch.size, 1))
     ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
-    trains = _rows_that_train(advantages, batch.response_mask, trainer)
     has_response = batch.response_mask.sum(dim=1) > 0
+    trains = _rows_that_train(advantages, has_response, trainer)
     accumulation = engine.accumulation_steps
     # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
     by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
