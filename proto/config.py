@@ -63,6 +63,12 @@ class ModelConfig(_Section):
         description="Local Hugging Face folder (safetensors + config + tokenizer).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(
+        default=None,
+        description="Attention kernel of the trainer's model (Hugging Face's attn_implementation; the "
+        "rollout's vLLM picks its own). Default: the library's (sdpa). On CPU under bf16 mixed precision "
+        "eager is faster: torch's CPU flash-attention backward is slow in bf16 (bench/RESULTS.md).",
+    )
     max_prompt_tokens: int = Field(default=1024, gt=0)
     max_response_tokens: int = Field(default=256, gt=0)
 

@@ -80,6 +80,24 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     return ds
 
 
+def autocast_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of DeepSpeed's ``torch_autocast`` section when enabled, else None.
+
+    Mixed precision the way Hugging Face's ``bf16=True`` means it: fp32 weights, optimizer state and
+    gradients, with the forward's matmuls in bf16 under ``torch.autocast`` — DeepSpeed applies it inside
+    its own forward (an autocast opened around the engine is switched off there). On a CPU with bf16
+    dot-product instructions it roughly halves a forward+backward (bench/RESULTS.md, "Trainer mixed
+    precision"); log-probs then differ from an fp32 sampler's by bf16 rounding (docs/operations.md)."""
+    section = ds_config.get("torch_autocast") or {}
+    if not section.get("enabled", False):
+        return None
+    name = str(section.get("dtype", "bfloat16")).removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"trainer.deepspeed.torch_autocast.dtype: unknown dtype {section.get('dtype')!r}")
+    return dtype
+
+
 def sampling_temperature(config: ExperimentConfig) -> float:
     """The temperature the rollouts were sampled at (``rollout.temperature``), which every log-prob the
     trainer computes uses. Raises ValueError if it is 0 (greedy rollouts have no policy to train)."""
@@ -100,7 +118,9 @@ class PolicyEngine:
         init_distributed()
         self.config = config
         self.ds_config = deepspeed_config(config)
-        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model.path, dtype=torch.float32, attn_implementation=config.model.attn_implementation
+        )
         if config.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -114,6 +134,7 @@ class PolicyEngine:
         )
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.temperature = sampling_temperature(config)
+        self.autocast_dtype = autocast_dtype(self.ds_config)  # the reference must compute the same way
 
     @property
     def module(self) -> torch.nn.Module:
@@ -183,23 +204,39 @@ class ReferencePolicy:
     """The frozen policy the KL penalty pulls toward (``trainer.reference_path``, by default the starting
     checkpoint): a plain eval-mode module beside the DeepSpeed engine, never updated, never saved.
     Every rank holds it whole, so under ZeRO-3 it costs one unsharded copy per rank. ``temperature`` is
-    the policy's (:attr:`PolicyEngine.temperature`): the KL compares the two at the sampling temperature."""
+    the policy's (:attr:`PolicyEngine.temperature`): the KL compares the two at the sampling temperature,
+    and ``autocast`` the policy's mixed precision (:attr:`PolicyEngine.autocast_dtype`), so that a
+    reference equal to the policy scores exactly like it (KL 0) rather than differing by rounding."""
 
-    def __init__(self, path: Path, dtype: str, device: torch.device, *, temperature: float):
+    def __init__(
+        self,
+        path: Path,
+        dtype: str,
+        device: torch.device,
+        *,
+        temperature: float,
+        autocast: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        )
         self.model = model.to(device).eval().requires_grad_(False)
         self.temperature = temperature
+        self.autocast = autocast
 
     @torch.no_grad()
     def token_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
         """The reference's log-probs at the same sampling temperature as the policy's, [n, L−1]."""
-        return response_logprobs(
-            self.model, input_ids, attention_mask, response_mask, temperature=self.temperature
-        )
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return response_logprobs(
+                self.model, input_ids, attention_mask, response_mask, temperature=self.temperature
+            )
 
 
 def response_logprobs(

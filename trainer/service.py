@@ -90,6 +90,8 @@ class Trainer:
                 self.config.model.dtype,
                 engine.device,
                 temperature=engine.temperature,
+                autocast=engine.autocast_dtype,
+                attn_implementation=self.config.model.attn_implementation,
             )
         rank = dist.get_rank()
         client = connect(self.config.redis)

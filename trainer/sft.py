@@ -50,8 +50,8 @@ _TOKENIZER_FILES = (
 
 def cache_key(config: ExperimentConfig) -> str:
     """16 hex digits over everything that changes the cold-start model: the base weights and tokenizer
-    (chat template included), every training file's bytes, the ``sft`` settings, the dtype and weight
-    decay the engine trains with, the library versions and :data:`RECIPE_VERSION`."""
+    (chat template included), every training file's bytes, the ``sft`` settings, the dtype, mixed
+    precision, attention kernel and weight decay the engine trains with, the library versions and :data:`RECIPE_VERSION`."""
     sft = _require(config)
     base = Path(config.model.path)
     digest = blake3.blake3()
@@ -67,6 +67,8 @@ def cache_key(config: ExperimentConfig) -> str:
     settings |= {
         "dtype": config.model.dtype,
         "weight_decay": config.trainer.weight_decay,
+        "torch_autocast": _mixed_precision(config),
+        "attn_implementation": config.model.attn_implementation,
         "recipe": RECIPE_VERSION,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -136,21 +138,26 @@ def _tokenize(example: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[
     return prompt_ids, answer_ids
 
 
+def _mixed_precision(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The RL trainer's ``torch_autocast`` section (None without one): SFT computes the way RL will."""
+    section = config.trainer.deepspeed.get("torch_autocast")
+    return dict(section) if section else None
+
+
 def _sft_engine_config(config: ExperimentConfig) -> ExperimentConfig:
     """The experiment as the DeepSpeed engine sees it for SFT: one example per micro-batch (no padding),
-    ``sft.batch_size`` of them accumulated per optimizer step, ZeRO-0, AdamW at ``sft.lr``."""
+    ``sft.batch_size`` of them accumulated per optimizer step, ZeRO-0, AdamW at ``sft.lr``, and the RL
+    trainer's mixed precision (``torch_autocast``) when it has one."""
     sft = _require(config)
-    trainer = config.trainer.model_copy(
-        update={
-            "lr": sft.lr,
-            "deepspeed": {
-                "zero_optimization": {"stage": 0},
-                "gradient_clipping": 1.0,
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": sft.batch_size,
-            },
-        }
-    )
+    deepspeed: dict[str, Any] = {
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 1.0,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": sft.batch_size,
+    }
+    if (section := _mixed_precision(config)) is not None:
+        deepspeed["torch_autocast"] = section
+    trainer = config.trainer.model_copy(update={"lr": sft.lr, "deepspeed": deepspeed})
     # SFT fits the model's own distribution: log-probs at temperature 1, whatever the rollout samples at.
     rollout = config.rollout.model_copy(update={"temperature": 1.0})
     return config.model_copy(update={"trainer": trainer, "rollout": rollout})
