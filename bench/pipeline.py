@@ -97,7 +97,8 @@ class Measured:
 def derive_config(source: Path, steps: int, quick: bool, workdir: Path) -> Path:
     """The demo config with ``steps`` steps (checkpoint only at the end); smaller sequences if quick."""
     config = read_config_mapping(source)
-    config["trainer"].update(total_steps=steps, save_every=steps)
+    config["trainer"]["total_steps"] = steps
+    config["trainer"].setdefault("checkpoint", {})["every"] = steps
     if quick:
         config["model"].update(max_prompt_tokens=256, max_response_tokens=32)
     path = workdir / "bench.yaml"
@@ -277,8 +278,8 @@ def trl_worker(config_path: Path, steps: int, out: Path) -> None:
         learning_rate=trainer.lr,
         lr_scheduler_type="constant",  # gd2po configures no schedule
         weight_decay=trainer.weight_decay,
-        epsilon=trainer.clip_low,
-        epsilon_high=trainer.clip_high,
+        epsilon=trainer.loss.clip_low,
+        epsilon_high=trainer.loss.clip_high,
         max_grad_norm=ds.get("gradient_clipping", 1.0),
         beta=0.0,
         reward_weights=[r.weight for r in config.rewards],

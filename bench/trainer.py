@@ -131,15 +131,13 @@ def experiment(args: argparse.Namespace, model_dir: Path, run_dir: Path, redis_u
         model={"path": model_dir, "max_response_tokens": args.response_tokens},
         rewards=[{"name": name, "url": "http://127.0.0.1:1"} for name in REWARDS],  # scores are in Redis
         trainer={
-            "estimator": "gd2po_snr",
-            "tau": 0.8,
+            "advantage": {"estimator": "gd2po_snr", "tau": 0.8},
             "prompts_per_step": args.prompts,
             "lr": 1e-5,
             "total_steps": steps,
             "max_staleness": steps,  # every pre-filled group stays fresh enough to train
-            "publish_every": 1,
-            "save_every": steps,
-            "keep_last": 2,
+            "publish": {"every": 1, "keep_last": 2},
+            "checkpoint": {"every": steps, "keep_last": 2},
             "deepspeed": {
                 "zero_optimization": {"stage": 2},
                 "gradient_clipping": 1.0,

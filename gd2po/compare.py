@@ -27,7 +27,8 @@ def run_label(run_dir: Path) -> str:
     config_file = Path(run_dir) / "config.yaml"
     estimator = None
     if config_file.is_file():
-        estimator = (yaml.safe_load(config_file.read_text()) or {}).get("trainer", {}).get("estimator")
+        trainer = (yaml.safe_load(config_file.read_text()) or {}).get("trainer", {})
+        estimator = trainer.get("advantage", {}).get("estimator")
     return f"{Path(run_dir).name} · {estimator}" if estimator else Path(run_dir).name
 
 

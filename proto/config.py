@@ -1,7 +1,8 @@
 """Typed experiment configuration: one YAML file per experiment, environment overrides on top.
 
 Every service reads the same file and uses its own section. Environment variables override any
-key: ``GD2PO_TRAINER__LR=1e-5`` sets ``trainer.lr``; secrets (Redis password, API token) come only
+key: ``GD2PO_TRAINER__LR=1e-5`` sets ``trainer.lr``, ``GD2PO_TRAINER__ADVANTAGE__TAU=0.9`` sets
+``trainer.advantage.tau``; secrets (Redis password, API token) come only
 from the environment. A misspelt key or a wrong type fails at start with the dotted key in the message.
 """
 
@@ -10,19 +11,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "GD2PO_"
@@ -36,100 +40,128 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Attribute docstrings are the one place a key is documented: they become the fields' descriptions
+    # (JSON schema, errors) and docs/config.md (``python -m gd2po.config_reference``).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class RunConfig(_Section):
+    """The run: its name, folder and seed."""
+
     name: str = "gd2po-run"
+    """Run name (``gd2po up`` names the run folder after it)."""
     output_dir: Path = Path("runs")
+    """Run folder: the trainer writes ``metrics.jsonl``, ``weights/`` and ``checkpoints/`` here."""
     seed: int = 0
-    startup_timeout: float = Field(
-        default=60.0,
-        ge=0,
-        description="Seconds a service waits at start for Redis and the reward services (they may still "
-        "be starting) before it exits with one line naming what it could not reach.",
-    )
+    """Seeds sampling, training and (unless ``data.shuffle_seed`` is set) the prompt order."""
+    startup_timeout: float = Field(default=60.0, ge=0)
+    """Seconds a service waits at start for Redis and the reward services (they may still be starting)
+    before it exits with one line naming what it could not reach."""
 
 
 class RedisConfig(_Section):
+    """The Redis every service shares."""
+
     url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL (a password written here is masked in logs and the run's config.yaml)."""
     namespace: str = "gd2po"
-    password: SecretStr | None = Field(default=None, description="Set via GD2PO_REDIS__PASSWORD only.")
+    """Prefix of every Redis name, so several experiments can share one Redis."""
+    password: SecretStr | None = None
+    """Set via GD2PO_REDIS__PASSWORD only."""
 
 
 class ModelConfig(_Section):
-    path: Path = Field(
-        default=Path(".cache/models/SmolLM2-135M-Instruct"),
-        description="Local Hugging Face folder (safetensors + config + tokenizer).",
-    )
+    """The policy model."""
+
+    path: Path = Path(".cache/models/SmolLM2-135M-Instruct")
+    """Local Hugging Face folder (safetensors + config + tokenizer)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "sdpa"] | None = Field(
-        default=None,
-        description="Attention kernel of the trainer's model (Hugging Face's attn_implementation; the "
-        "rollout's vLLM picks its own). Default: the library's (sdpa). On CPU under bf16 mixed precision "
-        "eager is faster: torch's CPU flash-attention backward is slow in bf16 (bench/RESULTS.md).",
-    )
+    """Weights and compute dtype of the rollout and the trainer."""
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    """Attention kernel of the trainer's model (Hugging Face's attn_implementation; the rollout's vLLM
+    picks its own). Default: the library's (sdpa). On CPU under bf16 mixed precision eager is faster:
+    torch's CPU flash-attention backward is slow in bf16 (bench/RESULTS.md)."""
     max_prompt_tokens: int = Field(default=1024, gt=0)
+    """Longest prompt, chat template applied (see ``data.overlong_prompts``)."""
     max_response_tokens: int = Field(default=256, gt=0)
+    """Longest sampled response."""
 
 
 class DataConfig(_Section):
+    """The RL prompts."""
+
     train_files: list[Path] = Field(
         default_factory=lambda: [Path("data/tool_calling/rlla_sft400/train.parquet")]
     )
+    """Prompt files (parquet or jsonl)."""
     prompt_field: str = "prompt"
-    label_field: str | None = Field(default="reward_model.ground_truth", description="Dotted path or null.")
-    shuffle_seed: int | None = Field(
-        default=None, description="Seed of the prompt order; default run.seed, so seeds differ in data too."
-    )
-    overlong_prompts: Literal["filter", "error", "truncate_left"] = Field(
-        default="filter",
-        description="Prompts longer than the prompt token limit (model.max_prompt_tokens, chat template "
-        "applied): drop them at start (the release's filter_overlong_prompts), refuse to start, or keep "
-        "their last tokens (cuts the system message). Counted in the rollout log and metrics.",
-    )
+    """Field holding the prompt (a string or a list of chat messages)."""
+    label_field: str | None = "reward_model.ground_truth"
+    """Dotted path of the label passed to the rewards, or null."""
+    shuffle_seed: int | None = None
+    """Seed of the prompt order; default run.seed, so seeds differ in data too."""
+    overlong_prompts: Literal["filter", "error", "truncate_left"] = "filter"
+    """Prompts longer than the prompt token limit (model.max_prompt_tokens, chat template applied): drop
+    them at start (the release's filter_overlong_prompts), refuse to start, or keep their last tokens
+    (cuts the system message). Counted in the rollout log and metrics."""
 
 
 class SFTConfig(_Section):
     """Cold start before RL: supervised fine-tuning of ``model.path`` on reference answers (``python -m
-    trainer.sft``: the trainer's DeepSpeed engine, loss on the answer tokens only, at temperature 1). ``gd2po up`` runs it once as its own process and caches
-    the result under ``output_root`` by a key of the base model, the data and these settings; the rollout
-    and the trainer then start from it (and a KL reference defaults to it). Examples whose prompt and
-    answer exceed ``max_tokens`` are left out, never cut."""
+    trainer.sft``: the trainer's DeepSpeed engine, loss on the answer tokens only, at temperature 1).
+    ``gd2po up`` runs it once as its own process and caches the result under ``output_root`` by a key of
+    the base model, the data and these settings; the rollout and the trainer then start from it (and a
+    KL reference defaults to it). Examples whose prompt and answer exceed ``max_tokens`` are left out,
+    never cut."""
 
     train_files: list[Path] = Field(min_length=1)
+    """Files of prompts with reference answers."""
     prompt_field: str = "prompt"
-    completion_field: str = Field(
-        default="reward_model.ground_truth", description="Dotted path of the answer to imitate."
-    )
-    max_examples: int | None = Field(default=None, ge=1, description="Use the first N (after shuffling).")
+    """Field holding the prompt."""
+    completion_field: str = "reward_model.ground_truth"
+    """Dotted path of the answer to imitate."""
+    max_examples: int | None = Field(default=None, ge=1)
+    """Use the first N (after shuffling)."""
     epochs: float = Field(default=1.0, gt=0)
+    """Passes over the examples (a fraction takes part of one)."""
     lr: float = Field(default=5e-5, gt=0)
-    batch_size: int = Field(default=4, ge=1, description="Examples per optimizer step.")
+    """AdamW learning rate."""
+    batch_size: int = Field(default=4, ge=1)
+    """Examples per optimizer step."""
     max_tokens: int = Field(default=1024, gt=0)
-    seed: int = Field(
-        default=0, description="Shuffle and init seed; not run.seed, so RL seeds share one cold start."
-    )
+    """Longest prompt + answer; longer examples are left out."""
+    seed: int = 0
+    """Shuffle and init seed; not run.seed, so RL seeds share one cold start."""
     output_root: Path = Path(".cache/models")
+    """Folder of the cached cold-start models."""
 
 
 class RewardLaunch(_Section):
     """How ``gd2po up`` starts this reward locally (ignored when services run elsewhere)."""
 
     scorer: str
+    """Registered scorer name (``reward_service.scorers``), e.g. ``tool_call.correctness``."""
     replicas: int = Field(default=1, ge=1)
+    """Processes to start; the rollout spreads requests over them."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """Scorer options."""
 
 
 class RewardEndpoint(_Section):
     """One reward dimension. Swapping a reward service is changing ``url``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    url: str | list[str] = Field(description="Base URL of the reward service, or a list of replicas.")
+    """Reward name (metrics label, key of the group's scores)."""
+    url: str | list[str]
+    """Base URL of the reward service, or a list of replicas."""
     weight: float = 1.0
+    """Weight w of this reward in the combined advantage (GRPO: in the summed reward)."""
     timeout: float = Field(default=30.0, gt=0)
+    """Seconds per scoring request."""
     max_concurrency: int = Field(default=8, ge=1)
+    """Scoring requests in flight to this reward."""
     batch_size: int = Field(default=64, ge=1)
+    """Responses per scoring request."""
     launch: RewardLaunch | None = None
 
     @property
@@ -145,111 +177,293 @@ class RewardEndpoint(_Section):
 
 
 class RetryConfig(_Section):
+    """Retries of a failed scoring request (exponential backoff with jitter)."""
+
     attempts: int = Field(default=4, ge=1)
+    """Tries per request, the first included."""
     backoff_initial: float = Field(default=0.2, gt=0)
+    """Seconds before the first retry."""
     backoff_max: float = Field(default=5.0, gt=0)
+    """Longest wait between tries."""
     jitter: float = Field(default=0.2, ge=0)
+    """Random fraction added to each wait."""
 
 
 class RolloutConfig(_Section):
+    """The rollout service: sampling, backlog and weight reloads."""
+
     host: str = "127.0.0.1"
+    """Address of the rollout's HTTP server."""
     port: int = 8200
+    """Port of the rollout's HTTP server."""
     group_size: int = Field(default=4, ge=1)
+    """Rollouts (G) sampled per prompt."""
     prompts_per_batch: int = Field(default=8, ge=1)
+    """Prompts generated together."""
     temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature; every log-prob is of softmax(logits / T)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_backlog: int = Field(
-        default=64, ge=1, description="Pause generation above this many unconsumed groups."
-    )
+    """Nucleus sampling; training rollouts need 1 (nucleus log-probs are renormalised)."""
+    max_backlog: int = Field(default=64, ge=1)
+    """Pause generation above this many unconsumed groups."""
     kv_cache_gib: float = Field(default=1.0, gt=0)
-    # False compiles the model (CUDA graphs on GPUs, torch.compile on CPU): faster decoding for a much
-    # slower start (bench/RESULTS.md, "Figures moved out of code comments"). True keeps short runs short.
+    """vLLM KV-cache size in GiB."""
     enforce_eager: bool = True
+    """True skips compiling the model; false compiles it (CUDA graphs on GPUs, torch.compile on CPU):
+    faster decoding for a much slower start (bench/RESULTS.md). True keeps short runs short."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
-    producer_id: str | None = Field(
-        default=None,
-        min_length=1,
-        description="Stable name of this rollout: a restart under the same name continues its prompt order "
-        "(saved in Redis). Default: a new random name per process.",
-    )
-    max_batches: int | None = Field(default=None, ge=1, description="Stop after this many batches (tests).")
-    weights_root: Path | None = Field(
-        default=None,
-        description="The only folder POST /v1/weights/reload may load from (default: the run's weights/, "
-        "where the trainer publishes).",
-    )
+    producer_id: str | None = Field(default=None, min_length=1)
+    """Stable name of this rollout: a restart under the same name continues its prompt order (saved in
+    Redis). Default: a new random name per process."""
+    max_batches: int | None = Field(default=None, ge=1)
+    """Stop after this many batches (tests)."""
+    weights_root: Path | None = None
+    """The only folder POST /v1/weights/reload may load from (default: the run's weights/, where the
+    trainer publishes)."""
+
+
+# -- trainer: advantage estimators -------------------------------------------------------------------
+# One variant per estimator registered in trainer.algorithms (a test keeps the two in step): each holds
+# exactly the options that estimator reads, so an option that does not apply fails at load instead of
+# being silently ignored. The option names are compute_advantages' keyword arguments.
+
+DEFAULT_ESTIMATOR = "gd2po_snr"
+
+
+class _AdvantageBase(_Section):
+    estimator: str  # first in every variant; each narrows it to its own name
+    norm_by_std: bool = True
+    """Divide each reward's group advantage by the group's standard deviation; false gives A = r − mean,
+    so rewards with a large range dominate (docs/algorithm.md §2)."""
+
+
+class GRPOAdvantage(_AdvantageBase):
+    """GRPO: group-normalise the weighted reward sum; never batch-whitened."""
+
+    estimator: Literal["grpo"] = "grpo"
+
+
+class GDPOAdvantage(_AdvantageBase):
+    """GDPO: normalise each reward within its group, sum with the weights, whiten over the batch."""
+
+    estimator: Literal["gdpo"] = "gdpo"
+    whiten: bool = True
+    """Whiten the advantages over the batch's (kept) response tokens (docs/algorithm.md §5)."""
+
+
+class GD2POHardAdvantage(GDPOAdvantage):
+    """GD²PO-Hard: GDPO's advantages, every rollout whose rewards pull in opposite directions dropped."""
+
+    estimator: Literal["gd2po_hard"] = "gd2po_hard"  # type: ignore[assignment]
+    reweight: bool = True
+    """Scale each prompt's advantages by κ, the fraction of its rollouts passing the keep rule."""
+    filter: bool = True
+    """Zero the rollouts failing the keep rule; false keeps them (κ still counts them: the "κ without
+    filter" ablation; with ``reweight: false`` too it is GDPO)."""
+
+
+class GD2POSNRAdvantage(GD2POHardAdvantage):
+    """GD²PO-SNR: like Hard, but a conflicting rollout is dropped only when its net signal is weak."""
+
+    estimator: Literal["gd2po_snr"] = "gd2po_snr"  # type: ignore[assignment]
+    tau: float = Field(default=0.8, ge=0, le=1)
+    """Signal-to-noise threshold τ: a rollout with |ρ| = |Σ A| / Σ |A| below it may be dropped."""
+    keep_rule: Literal["release", "paper"] = "release"
+    """``release``: drop conflicting rollouts with |ρ| < τ. ``paper``: keep iff |ρ| > τ, tested on every
+    rollout (drops rollouts without signal; docs/algorithm.md §4.3)."""
+
+
+ADVANTAGE_VARIANTS: tuple[type[_AdvantageBase], ...] = (
+    GRPOAdvantage,
+    GDPOAdvantage,
+    GD2POHardAdvantage,
+    GD2POSNRAdvantage,
+)
+ESTIMATOR_NAMES = tuple(get_args(v.model_fields["estimator"].annotation)[0] for v in ADVANTAGE_VARIANTS)
+
+
+def _estimator_of(value: Any) -> str | None:
+    # The default estimator when the mapping names none, so an override of one option
+    # (GD2PO_TRAINER__ADVANTAGE__TAU) on a file without an advantage section still loads.
+    if isinstance(value, dict):
+        return value.get("estimator", DEFAULT_ESTIMATOR)
+    return getattr(value, "estimator", None)
+
+
+AdvantageConfig = Annotated[
+    Annotated[GRPOAdvantage, Tag("grpo")]
+    | Annotated[GDPOAdvantage, Tag("gdpo")]
+    | Annotated[GD2POHardAdvantage, Tag("gd2po_hard")]
+    | Annotated[GD2POSNRAdvantage, Tag("gd2po_snr")],
+    Discriminator(
+        _estimator_of,
+        custom_error_type="unknown_estimator",
+        custom_error_message=f"unknown estimator; known: {', '.join(ESTIMATOR_NAMES)}",
+    ),
+]
+
+
+# -- trainer: the other sub-sections ---------------------------------------------------------------
+
+
+class LossConfig(_Section):
+    """The PPO-clip policy loss and its optional terms (docs/algorithm.md §8)."""
+
+    clip_low: float = Field(default=0.2, ge=0)
+    """Lower ratio clip ε_low: the ratio is clipped to [1 − clip_low, 1 + clip_high]."""
+    clip_high: float = Field(default=0.2, ge=0)
+    """Upper ratio clip ε_high."""
+    dual_clip: float | None = Field(default=3.0, gt=1)
+    """Dual clip c (> 1) bounding the loss of negative-advantage tokens; null disables it."""
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How token losses are aggregated over a mini-batch."""
+    kl_coef: float = Field(default=0.0, ge=0)
+    """Weight of a low-variance (k3) KL to a frozen reference policy; 0 (off) in the paper's runs."""
+    reference_path: Path | None = None
+    """Reference policy for ``kl_coef`` > 0 (default: ``model.path``, the starting policy)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus subtracted from the loss."""
+    recompute_old_logprobs: bool = False
+    """Recompute π_old with the trainer's policy before the update instead of using the log-probs the
+    rollout reported."""
+
+
+class PublishConfig(_Section):
+    """How trained weights reach the rollout: a safetensors folder under ``weights/`` plus an announcement."""
+
+    every: int = Field(default=1, ge=0)
+    """Publish the policy every N steps; 0 never publishes, so the rollout keeps sampling the starting
+    policy (the control arm of a learning check)."""
+    background: bool = False
+    """Write, digest and announce the weights on a thread while the next step trains (the snapshot copy
+    stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work."""
+    keep_last: int = Field(default=3, ge=1)
+    """Published weight folders kept; older ones are deleted."""
+
+
+class CheckpointConfig(_Section):
+    """DeepSpeed checkpoints (model, optimizer, scheduler, trainer state); a group is acknowledged in
+    Redis only once a checkpoint holds its update."""
+
+    every: int = Field(default=5, ge=1)
+    """Checkpoint every N steps (and after the last one)."""
+    keep_last: int = Field(default=3, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+
+
+# Keys of the flat trainer section before it was nested, and where each lives now. An old key is
+# refused naming its new place: silently accepting both spellings would leave two names per setting.
+MOVED_TRAINER_KEYS = {
+    **{
+        key: f"advantage.{key}"
+        for key in ("estimator", "tau", "norm_by_std", "whiten", "keep_rule", "reweight", "filter")
+    },
+    **{
+        key: f"loss.{key}"
+        for key in (
+            "clip_low",
+            "clip_high",
+            "dual_clip",
+            "kl_coef",
+            "reference_path",
+            "entropy_coef",
+            "recompute_old_logprobs",
+        )
+    },
+    "loss_agg": "loss.agg",
+    "publish_every": "publish.every",
+    "background_publish": "publish.background",
+    "save_every": "checkpoint.every",
+    "keep_last": "checkpoint.keep_last",
+}
 
 
 class TrainerConfig(_Section):
+    """The trainer: batch shape, optimizer, staleness, and its sub-sections ``advantage``, ``loss``,
+    ``publish`` and ``checkpoint``."""
+
     host: str = "127.0.0.1"
+    """Address of the trainer's metrics/health HTTP server."""
     metrics_port: int = 8300
-    estimator: str = "gd2po_snr"
-    tau: float = 0.8
-    norm_by_std: bool = True
-    whiten: bool = True
-    keep_rule: Literal["release", "paper"] = "release"
-    reweight: bool = True
-    filter: bool = True
+    """Port of the trainer's metrics/health HTTP server."""
+    advantage: AdvantageConfig = Field(default_factory=GD2POSNRAdvantage)
+    """The advantage estimator (docs/algorithm.md §3–4) and its options: ``estimator`` selects which
+    options apply, and an option of another estimator is refused. Switching ``estimator`` in an
+    ``extends:`` file or from the environment starts this section afresh."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     prompts_per_step: int = Field(default=8, ge=1)
+    """Groups (prompts, each with ``rollout.group_size`` rollouts) per training step."""
     mini_batches: int = Field(default=1, ge=1)
+    """Optimizer steps per PPO epoch: the step's rollouts split into this many mini-batches."""
     ppo_epochs: int = Field(default=1, ge=1)
+    """Passes over the step's rollouts."""
     lr: float = Field(default=1e-6, gt=0)
+    """AdamW learning rate."""
     weight_decay: float = Field(default=0.01, ge=0)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    # Low-variance (k3) KL to a frozen reference policy, off in the paper's runs (docs/algorithm.md §8).
-    kl_coef: float = Field(default=0.0, ge=0)
-    reference_path: Path | None = Field(
-        default=None, description="Reference policy for kl_coef > 0 (default: model.path, the start)."
-    )
-    entropy_coef: float = 0.0
-    recompute_old_logprobs: bool = False
-    # Rows whose advantage is 0 everywhere (zero-variance groups, GD²PO-dropped rollouts) add exactly
-    # nothing to the PPO gradient; skipping their forward/backward gives the same update, faster.
+    """AdamW decoupled weight decay."""
     skip_idle_rows: bool = True
-    # The G rollouts of a group share their prompt: forward it once per group with gradients and run the
-    # responses on its cache (same values and gradients, much less work when prompts are longer than
-    # responses; bench/RESULTS.md).
-    # A micro-batch then holds whole groups (those of ⌈groups / accumulation steps⌉), so its memory is one
-    # prompt + G responses per group rather than train_micro_batch_size rows: turn it off if a group's
-    # responses do not fit. Off by itself under multi-rank ZeRO-3 (ranks must run equal forwards).
+    """Skip the forward/backward of rows whose advantage is 0 everywhere (zero-variance groups, dropped
+    rollouts): without a KL or entropy term they add exactly nothing to the gradient, so the update is
+    the same, faster."""
     share_prompt_forward: bool = True
+    """Forward a group's shared prompt once with gradients and run its G responses on that cache (same
+    values and gradients, much less work when prompts are longer than responses). A micro-batch then
+    holds whole groups, so turn it off if a group's responses do not fit in memory. Off by itself under
+    multi-rank ZeRO-3 (ranks must run equal forwards)."""
     max_staleness: int = Field(default=2, ge=0)
+    """Drop groups generated more than this many policy versions ago."""
     total_steps: int = Field(default=10, ge=1)
-    publish_every: int = Field(
-        default=1,
-        ge=0,
-        description="Publish the policy every N steps; 0 never publishes, so the rollout keeps sampling "
-        "the starting policy (the control arm of a learning check).",
-    )
-    # Write + digest + announce the weights on a thread while the next step trains (the snapshot copy
-    # stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work.
-    background_publish: bool = False
-    save_every: int = Field(default=5, ge=1)
-    keep_last: int = Field(default=3, ge=1)
+    """Training steps; the trainer exits 0 after the last."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: {
             "zero_optimization": {"stage": 2},
             "gradient_clipping": 1.0,
             "train_micro_batch_size_per_gpu": 4,
             "gradient_accumulation_steps": 1,
-        },
-        description="DeepSpeed config section, passed to deepspeed.initialize.",
+        }
     )
+    """DeepSpeed config section, passed to ``deepspeed.initialize``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_flat_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        moved = {f"trainer.{key}": _moved_to(key) for key in data if key in MOVED_TRAINER_KEYS}
+        if moved:
+            where = "; ".join(f"{old} is now {new}" for old, new in moved.items())
+            raise PydanticCustomError("moved_key", "{where}", {"where": where, "moved": moved})
+        return data
+
+
+def _moved_to(key: str) -> str:
+    new = f"trainer.{MOVED_TRAINER_KEYS[key]}"
+    place = f"{new} (environment: {env_var(new)})"
+    if key == "keep_last":  # one setting became two
+        place += " and trainer.publish.keep_last for published weights"
+    return f"{place}; see docs/config.md"
 
 
 class AuthConfig(_Section):
-    token: SecretStr | None = Field(default=None, description="Bearer token; set via GD2PO_AUTH__TOKEN only.")
+    """Bearer authentication of every service's API."""
+
+    token: SecretStr | None = None
+    """Bearer token; set via GD2PO_AUTH__TOKEN only."""
 
 
 class ExperimentConfig(BaseSettings):
     """The whole experiment. Sections: run, redis, model, data, rewards, rollout, trainer, auth."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        allow_inf_nan=False,
+        use_attribute_docstrings=True,
     )
 
     run: RunConfig = Field(default_factory=RunConfig)
@@ -257,11 +471,13 @@ class ExperimentConfig(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rewards: list[RewardEndpoint] = Field(default_factory=list)
+    """The reward dimensions, one service each."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    sft: SFTConfig | None = Field(default=None, description="Optional cold start before RL.")
-    synchronous: bool = Field(default=False, description="Generate only after the trainer caught up.")
+    sft: SFTConfig | None = None
+    synchronous: bool = False
+    """Generate only after the trainer caught up (every group on-policy; needs trainer.publish.every: 1)."""
 
     @field_validator("rewards")
     @classmethod
@@ -281,9 +497,9 @@ class ExperimentConfig(BaseSettings):
     @model_validator(mode="after")
     def _pipeline_can_flow(self) -> ExperimentConfig:
         """Refuse settings that would deadlock rollout and trainer, naming the keys to change."""
-        if self.synchronous and self.trainer.publish_every != 1:
+        if self.synchronous and self.trainer.publish.every != 1:
             raise ValueError(
-                "synchronous: true needs trainer.publish_every: 1 (every batch waits for new weights)"
+                "synchronous: true needs trainer.publish.every: 1 (every batch waits for new weights)"
             )
         return self
 
@@ -300,16 +516,62 @@ class ExperimentConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment wins over the YAML file (passed as init kwargs).
-        return env_settings, init_settings
+        # The environment wins over the YAML file (passed as init kwargs), merged as ``extends:`` merges.
+        return (_EnvironmentOverFile(settings_cls, file=init_settings, environment=env_settings),)
+
+
+class _EnvironmentOverFile(PydanticBaseSettingsSource):
+    """The environment's values merged over the file's with `_merge`, so an estimator switched from the
+    environment (GD2PO_TRAINER__ADVANTAGE__ESTIMATOR=grpo) drops the file's options of the old one
+    instead of failing on them."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        *,
+        file: PydanticBaseSettingsSource,
+        environment: PydanticBaseSettingsSource,
+    ):
+        super().__init__(settings_cls)
+        self.file, self.environment = file, environment
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads both sources whole
+
+    def __call__(self) -> dict[str, Any]:
+        return _merge(self.file(), self.environment())
 
 
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']}")
+        loc, message = list(item["loc"]), item["msg"]
+        if item["type"] == "moved_key":  # one line per old key, named by its dotted key
+            lines += [f"  {old}: moved to {new}" for old, new in item["ctx"]["moved"].items()]
+            continue
+        if loc[:2] == ["trainer", "advantage"]:
+            loc, message = _advantage_error(loc, item)
+        key = ".".join(str(part) for part in loc) or "<root>"
+        lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+def _advantage_error(loc: list[Any], item: Any) -> tuple[list[Any], str]:
+    """The dotted key and message of an error in ``trainer.advantage``, whose loc pydantic gives with the
+    union's tag inserted (``trainer.advantage.grpo.tau``): the tag is dropped from the key and named in
+    the message where it explains the error."""
+    if item["type"] == "unknown_estimator":
+        if not isinstance(item["input"], dict):
+            return loc, f"expected a mapping such as {{estimator: {DEFAULT_ESTIMATOR}, tau: 0.8}}"
+        given = item["input"].get("estimator")
+        return [*loc, "estimator"], f"unknown estimator {given!r}; known: {', '.join(ESTIMATOR_NAMES)}"
+    if len(loc) > 2 and loc[2] in ESTIMATOR_NAMES:
+        estimator, loc = loc[2], [*loc[:2], *loc[3:]]
+        if item["type"] == "extra_forbidden":
+            variant = ADVANTAGE_VARIANTS[ESTIMATOR_NAMES.index(estimator)]
+            options = ", ".join(name for name in variant.model_fields if name != "estimator")
+            return loc, f"does not apply to estimator {estimator!r} (its options: {options})"
+    return loc, item["msg"]
 
 
 def _interpolate(text: str, source: Path) -> str:
@@ -375,13 +637,21 @@ def _refuse_secrets(mapping: dict[str, Any], source: Path) -> None:
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, anything else replaces. A mapping naming
+    another ``estimator`` than the one it overrides replaces it whole: the options of the base's
+    estimator need not apply to the new one (``extends:`` files that switch the estimator)."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        current = merged.get(key)
+        if isinstance(value, dict) and isinstance(current, dict) and not _switches_estimator(current, value):
+            merged[key] = _merge(current, value)
         else:
             merged[key] = value
     return merged
+
+
+def _switches_estimator(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    return "estimator" in override and override["estimator"] != base.get("estimator", DEFAULT_ESTIMATOR)
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:

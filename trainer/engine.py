@@ -201,7 +201,7 @@ class PolicyEngine:
 
 
 class ReferencePolicy:
-    """The frozen policy the KL penalty pulls toward (``trainer.reference_path``, by default the starting
+    """The frozen policy the KL penalty pulls toward (``trainer.loss.reference_path``, by default the starting
     checkpoint): a plain eval-mode module beside the DeepSpeed engine, never updated, never saved.
     Every rank holds it whole, so under ZeRO-3 it costs one unsharded copy per rank. ``temperature`` is
     the policy's (:attr:`PolicyEngine.temperature`): the KL compares the two at the sampling temperature,

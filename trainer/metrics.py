@@ -24,7 +24,7 @@ SCALARS = {
     "grad_norm": "Global gradient norm before clipping",
     "learning_rate": "Learning rate",
     "kl": "Approximate KL to the behaviour policy (k3)",
-    "kl_ref": "KL to the reference policy (k3; 0 unless trainer.kl_coef > 0)",
+    "kl_ref": "KL to the reference policy (k3; 0 unless trainer.loss.kl_coef > 0)",
     "entropy": "Mean token entropy (0 unless entropy is computed)",
     "clip_fraction": "Fraction of tokens where the PPO ratio clip is active",
     "tokens_per_second": "Response tokens trained per second of step time (skipped idle rows not counted)",

@@ -5,7 +5,7 @@ announced as ``{version, path, digest}`` on the policy key and the events channe
 The weights are written straight from the parameters with ``safetensors.save_file`` (no state-dict copy,
 none of ``save_pretrained``'s sharding and conversion passes): publishing is on the critical path of every
 step, and those passes were a large part of its cost (bench/RESULTS.md, Pipeline). ``BackgroundPublisher`` takes the write off
-that path entirely (``trainer.background_publish``)."""
+that path entirely (``trainer.publish.background``)."""
 
 from __future__ import annotations
 

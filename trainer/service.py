@@ -1,5 +1,5 @@
 """The trainer loop: pull B fresh groups → advantages → PPO update → publish weights → metrics; every
-``save_every`` steps a checkpoint, then the groups it includes are committed (ledger + XACK).
+``trainer.checkpoint.every`` steps a checkpoint, then the groups it includes are committed (ledger + XACK).
 
 Exactly-once: a group is acknowledged only once a checkpoint holding its update exists, so after a
 crash ``--resume`` restores that checkpoint and the pending entries are exactly the groups it lacks.
@@ -77,16 +77,16 @@ class Trainer:
     def check_dependencies(self) -> None:
         """Model folder(s) and Redis, before minutes of model loading (raises StartupError)."""
         require_model(self.config.model.path)
-        if self.config.trainer.kl_coef and self.config.trainer.reference_path is not None:
-            require_model(self.config.trainer.reference_path, key="trainer.reference_path")
+        if self.config.trainer.loss.kl_coef and self.config.trainer.loss.reference_path is not None:
+            require_model(self.config.trainer.loss.reference_path, key="trainer.loss.reference_path")
         wait_for_redis(self.config.redis, self.config.run.startup_timeout)
 
     def run(self) -> checkpoint.TrainerState:
         self.check_dependencies()
         engine = self.engine = PolicyEngine(self.config)
-        if self.config.trainer.kl_coef:
+        if self.config.trainer.loss.kl_coef:
             self.reference = ReferencePolicy(
-                self.config.trainer.reference_path or self.config.model.path,
+                self.config.trainer.loss.reference_path or self.config.model.path,
                 self.config.model.dtype,
                 engine.device,
                 temperature=engine.temperature,
@@ -100,9 +100,13 @@ class Trainer:
             rules = GroupRules.for_model(self.config.reward_names, engine.module)
             consumer = GroupConsumer(client, self.keys, rules=rules)
         publisher = WeightPublisher(
-            client, self.keys, self.run_dir / "weights", self.config.model.path, self.config.trainer.keep_last
+            client,
+            self.keys,
+            self.run_dir / "weights",
+            self.config.model.path,
+            self.config.trainer.publish.keep_last,
         )
-        if self.config.trainer.background_publish and rank == 0:
+        if self.config.trainer.publish.background and rank == 0:
             publisher = BackgroundPublisher(publisher)
         state = checkpoint.TrainerState()
         if self.resume:
@@ -133,7 +137,7 @@ class Trainer:
                     journal.write(record)
                     if progress:
                         progress.update(record)
-                if state.step % self.config.trainer.save_every == 0 or state.step == self.total_steps:
+                if state.step % self.config.trainer.checkpoint.every == 0 or state.step == self.total_steps:
                     self._checkpoint_and_commit(engine, consumer, state, uncommitted)
         finally:
             publisher.close()  # the last version is announced before the trainer reports done
@@ -154,7 +158,9 @@ class Trainer:
         checkpoint (trained once); a crash after it is finished on resume from ``state.committing``.
         """
         state.committing = [g.group_id for g in uncommitted.groups]
-        checkpoint.save(engine, self.run_dir / "checkpoints", state, keep_last=self.config.trainer.keep_last)
+        checkpoint.save(
+            engine, self.run_dir / "checkpoints", state, keep_last=self.config.trainer.checkpoint.keep_last
+        )
         if consumer is not None and uncommitted.groups:
             consumer.commit(uncommitted)
             self.metrics.groups.labels("trained").inc(len(uncommitted.groups))
@@ -201,10 +207,10 @@ class Trainer:
         state.step += 1
 
         tick = time.perf_counter()
-        if trainer.publish_every and state.step % trainer.publish_every == 0:
+        if trainer.publish.every and state.step % trainer.publish.every == 0:
             writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
             weights = full_state_dict(
-                engine.module, engine.zero_stage, snapshot=trainer.background_publish and writer
+                engine.module, engine.zero_stage, snapshot=trainer.publish.background and writer
             )
             if writer:
                 state.policy_version += 1

@@ -17,21 +17,17 @@ from trainer.loss import policy_loss
 
 
 def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> AdvantageEstimate:
-    """The configured estimator on a built batch (``compute_advantages`` with the trainer's settings)."""
-    trainer = config.trainer
+    """The configured estimator on a built batch: ``trainer.advantage`` holds exactly the options of its
+    estimator, named as ``compute_advantages``' keyword arguments."""
+    advantage = config.trainer.advantage
     return compute_advantages(
-        trainer.estimator,
+        advantage.estimator,
         batch.rewards,
         batch.group_index,
         batch.response_mask,
-        tau=trainer.tau,
-        norm_by_std=trainer.norm_by_std,
-        whiten=trainer.whiten,
         weights=[r.weight for r in config.rewards],
-        keep_rule=trainer.keep_rule,
-        reweight=trainer.reweight,
-        filter=trainer.filter,
         reward_names=config.reward_names,
+        **advantage.model_dump(exclude={"estimator"}),
     )
 
 
@@ -85,7 +81,7 @@ def _rows_that_train(
     """[N] bool: rows with a gradient. Without a KL or entropy term a row whose advantage is 0 on every
     token (dropped by the conflict filter, or a group without variance) adds exactly nothing: its PPO
     term is −0·ratio. Loss statistics average over these rows whether idle rows are forwarded or not."""
-    if trainer.kl_coef or trainer.entropy_coef:
+    if trainer.loss.kl_coef or trainer.loss.entropy_coef:
         return has_response  # a row without a response token has nothing to train
     return (advantages != 0).any(dim=1)
 
@@ -136,15 +132,17 @@ def train_on(
     forwarded per optimizer step, ``tokens_trained`` the response tokens forwarded in all of them (this
     rank's shard)."""
     trainer = config.trainer
-    if trainer.kl_coef and reference is None:
-        raise ValueError("trainer.kl_coef > 0 needs a reference policy")
+    if trainer.loss.kl_coef and reference is None:
+        raise ValueError("trainer.loss.kl_coef > 0 needs a reference policy")
     # The engine's shard in one forward: under ZeRO-3 every rank must run as many forwards as the others
     # (each gathers parameters collectively), and shards may differ by a row. The reference is a plain
     # module, so it goes a micro-batch at a time.
     old_logprobs = batch.old_logprobs
-    if trainer.recompute_old_logprobs:
+    if trainer.loss.recompute_old_logprobs:
         old_logprobs = _frozen_logprobs(engine, batch, max(batch.size, 1))
-    ref_logprobs = _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.kl_coef else None
+    ref_logprobs = (
+        _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.loss.kl_coef else None
+    )
     has_response = batch.response_mask.sum(dim=1) > 0
     trains = _rows_that_train(advantages, has_response, trainer)
     accumulation = engine.accumulation_steps
@@ -158,7 +156,7 @@ def train_on(
     for _ in range(trainer.ppo_epochs):
         order = torch.randperm(batch.size, generator=generator)
         for mini in torch.tensor_split(order, trainer.mini_batches):
-            total = _denominator(batch.response_mask[mini], trainer.loss_agg)
+            total = _denominator(batch.response_mask[mini], trainer.loss.agg)
             stats_total = float(batch.response_mask[mini[trains[mini]]].sum())
             # Skipped rows still count in the denominator above: same gradient. A row without a
             # response token is never forwarded: it has no target to score.
@@ -175,27 +173,27 @@ def train_on(
                 tick = time.perf_counter()
                 if rows.numel():
                     logprobs, entropy = _policy_logprobs(
-                        engine, batch, rows, entropy=bool(trainer.entropy_coef), by_group=by_group
+                        engine, batch, rows, entropy=bool(trainer.loss.entropy_coef), by_group=by_group
                     )
                     loss, stats = policy_loss(
                         logprobs,
                         old_logprobs[rows],
                         advantages[rows],
                         batch.response_mask[rows],
-                        clip_low=trainer.clip_low,
-                        clip_high=trainer.clip_high,
-                        dual_clip=trainer.dual_clip,
-                        agg=trainer.loss_agg,
+                        clip_low=trainer.loss.clip_low,
+                        clip_high=trainer.loss.clip_high,
+                        dual_clip=trainer.loss.dual_clip,
+                        agg=trainer.loss.agg,
                         ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-                        kl_coef=trainer.kl_coef,
+                        kl_coef=trainer.loss.kl_coef,
                         entropy=entropy,
-                        entropy_coef=trainer.entropy_coef,
+                        entropy_coef=trainer.loss.entropy_coef,
                         stats_mask=batch.response_mask[rows] * trains[rows, None],
                     )
                     # total is 0 only when no row of the mini-batch has a response token (idle rows
                     # forwarded with skip_idle_rows off): nothing to weigh, zero gradient.
                     share = (
-                        _denominator(batch.response_mask[rows], trainer.loss_agg) / total if total else 0.0
+                        _denominator(batch.response_mask[rows], trainer.loss.agg) / total if total else 0.0
                     )
                     # DeepSpeed divides every micro-batch loss by `accumulation`: undo it, the shares
                     # already make the micro-batches add up to the mini-batch's aggregation.

@@ -38,9 +38,8 @@ def tiny_stack_config(
     config["model"].update(path=str(model_dir), max_response_tokens=16, max_prompt_tokens=2048)
     config["rewards"][0]["launch"]["replicas"] = correctness_replicas
     config["rollout"].update(prompts_per_batch=2, max_backlog=6)
-    config["trainer"].update(
-        total_steps=steps, prompts_per_step=2, save_every=steps, max_staleness=2, lr=1e-4
-    )
+    config["trainer"].update(total_steps=steps, prompts_per_step=2, max_staleness=2, lr=1e-4)
+    config["trainer"]["checkpoint"] = {"every": steps}
     config["synchronous"] = synchronous
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -182,13 +181,13 @@ def toy_learning_config(
         ],
         "rollout": {"group_size": 8, "prompts_per_batch": 8, "temperature": 1.0, "max_backlog": 8},
         "trainer": {
-            "estimator": "gd2po_snr",
+            "advantage": {"estimator": "gd2po_snr"},
             "prompts_per_step": 8,
             "lr": 1e-4,
             "total_steps": steps,
             "max_staleness": 1,
-            "publish_every": publish_every,
-            "save_every": steps,
+            "publish": {"every": publish_every},
+            "checkpoint": {"every": steps},
             "deepspeed": {
                 "zero_optimization": {"stage": 0},
                 "gradient_clipping": 1.0,

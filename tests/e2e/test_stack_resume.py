@@ -38,7 +38,7 @@ def stop_after(process, run_dir: Path, steps: int, timeout: float = 300) -> None
 def test_a_stopped_run_resumes_where_it_left_off(tmp_path: Path, tiny_model_dir: Path) -> None:
     config_path = tiny_stack_config(tmp_path, tiny_model_dir, steps=STEPS)
     config = yaml.safe_load(config_path.read_text())
-    config["trainer"]["save_every"] = 1
+    config["trainer"]["checkpoint"]["every"] = 1
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     assert not os.environ.get("GD2PO_REDIS__URL") and not os.environ.get("REDIS_URL")  # the private Redis

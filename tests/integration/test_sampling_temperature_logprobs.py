@@ -90,7 +90,7 @@ def test_first_step_ratio_is_one_on_every_token_at_temperature_0_7(tiny_model_di
     # The first real update sees the same: ratio 1, nothing clipped, no KL to the behaviour policy or to
     # the reference (kl_coef > 0 also routes the reference's log-probs through the step).
     policy.temperature = TEMPERATURE
-    config.trainer.kl_coef = 0.1
+    config.trainer.loss.kl_coef = 0.1
     advantages = torch.linspace(-1.0, 1.0, batch.size)[:, None] * batch.response_mask
     record = train_on(policy, batch, advantages, config, reference)
     assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5)

@@ -67,7 +67,7 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
                 "trainer": {
                     "total_steps": 5,
                     "prompts_per_step": 2,
-                    "save_every": 2,
+                    "checkpoint": {"every": 2},
                     "max_staleness": 100,
                     "lr": 1e-4,
                     "metrics_port": 0,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proto.config import ExperimentConfig
+from proto.config import ExperimentConfig, GRPOAdvantage
 from tests.trainer_data import generate_groups
 from trainer.batching import build_batch
 from trainer.engine import PolicyEngine, ReferencePolicy
@@ -27,7 +27,7 @@ def config(model_dir: Path, skip: bool) -> ExperimentConfig:
         model={"path": model_dir},
         rewards=[{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:1"}],
         trainer={
-            "estimator": "gd2po_hard",
+            "advantage": {"estimator": "gd2po_hard"},
             "skip_idle_rows": skip,
             "deepspeed": {
                 "zero_optimization": {"stage": 0},
@@ -71,7 +71,7 @@ def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_mo
     groups = generate_groups(tiny_model_dir, 3, seed=7)
     groups[1].rewards = {"a": [1.0] * 4, "b": [0.5] * 4}  # idle for the PPO term, not for KL / entropy
     cfg = config(tiny_model_dir, skip=True)
-    cfg.trainer.kl_coef, cfg.trainer.entropy_coef, cfg.trainer.ppo_epochs = 0.5, 0.01, 2
+    cfg.trainer.loss.kl_coef, cfg.trainer.loss.entropy_coef, cfg.trainer.ppo_epochs = 0.5, 0.01, 2
     engine = PolicyEngine(cfg)
     reference = ReferencePolicy(tiny_model_dir, "float32", engine.device, temperature=engine.temperature)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
@@ -95,7 +95,7 @@ def test_kl_and_entropy_terms_train_every_row_against_a_frozen_reference(tiny_mo
 def test_recomputed_old_logprobs_replace_the_behaviour_logprobs(tiny_model_dir: Path) -> None:
     groups = generate_groups(tiny_model_dir, 2, seed=3)
     cfg = config(tiny_model_dir, skip=False)
-    cfg.trainer.recompute_old_logprobs = True
+    cfg.trainer.loss.recompute_old_logprobs = True
     engine = PolicyEngine(cfg)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
     batch.old_logprobs = batch.old_logprobs - batch.response_mask  # behaviour log-probs off by one nat
@@ -124,7 +124,7 @@ def test_loss_statistics_average_over_the_rows_that_train(tiny_model_dir: Path, 
     groups[0].rewards = {"a": [1.0, 0.0, 1.0, 0.0], "b": [0.0] * 4}
     groups[1].rewards = {"a": [1.0] * 4, "b": [0.0] * 4}
     cfg = config(tiny_model_dir, skip)
-    cfg.trainer.estimator = "grpo"
+    cfg.trainer.advantage = GRPOAdvantage()
     engine = PolicyEngine(cfg)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
     _ratio_everywhere(engine, batch, 1.1)
@@ -209,7 +209,7 @@ def test_rows_without_a_response_token_train_nothing_and_break_nothing(
         completion.token_ids, completion.logprobs = [], []
     groups[1].rewards = {"a": [1.0, 0.0, 1.0, 0.0], "b": [0.0] * 4}
     cfg = config(tiny_model_dir, skip)
-    cfg.trainer.entropy_coef = 0.01
+    cfg.trainer.loss.entropy_coef = 0.01
     engine = PolicyEngine(cfg)
     batch = build_batch(groups, cfg.reward_names, 0, engine.pad_id)
     advantages, _, _ = advantages_for(batch, cfg)

@@ -34,7 +34,12 @@ def test_two_ranks_train_every_group_once(
     groups = generate_groups(tiny_model_dir, 4, seed=11)
     push(redis_url, groups)
     config = experiment(
-        tmp_path, tiny_model_dir, redis_url, stage=2, save_every=1, background_publish=background_publish
+        tmp_path,
+        tiny_model_dir,
+        redis_url,
+        stage=2,
+        checkpoint={"every": 1},
+        publish={"background": background_publish},
     )
     config.trainer.metrics_port = 0
     config_file = tmp_path / "experiment.yaml"

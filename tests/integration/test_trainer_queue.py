@@ -62,7 +62,9 @@ def test_staleness_histogram_observes_each_group_once(
         redis_url,
         [new.model_copy(update={"policy_version": 5}), old.model_copy(update={"policy_version": 2})],
     )
-    config = experiment(tmp_path, tiny_model_dir, redis_url, total_steps=1, max_staleness=3, publish_every=0)
+    config = experiment(
+        tmp_path, tiny_model_dir, redis_url, total_steps=1, max_staleness=3, publish={"every": 0}
+    )
     trainer = Trainer(config, resume=True)
 
     trainer.run()
@@ -98,7 +100,7 @@ def test_copies_and_groups_it_cannot_train_neither_train_twice_nor_stop_training
     push(redis_url, [good[0], good[0], no_b, vocab, good[1]])  # step 1: good[0], good[1]
     client.xadd(KEYS.groups, {"msg": b"\x93garbage"})
     push(redis_url, [good[1], good[2], good[0], good[3]])  # step 2: good[2], good[3]
-    trainer = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, total_steps=2, save_every=2))
+    trainer = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, total_steps=2, checkpoint={"every": 2}))
 
     state = trainer.run()
 

@@ -47,9 +47,9 @@ def experiment(tmp_path: Path, model_dir: Path, redis_url: str, stage: int, **tr
             "total_steps": 2,
             "prompts_per_step": 2,
             "lr": 1e-3,
-            "save_every": 2,
+            "checkpoint": {"every": 2},
             "max_staleness": 8,
-            "estimator": "gd2po_snr",
+            "advantage": {"estimator": "gd2po_snr"},
             "deepspeed": {
                 "zero_optimization": {"stage": stage},
                 "gradient_clipping": 1.0,
@@ -166,7 +166,7 @@ def test_background_publishing_announces_every_version_from_a_snapshot(
     monkeypatch.setattr(WeightPublisher, "publish", slow_write)
     push(redis_url, generate_groups(tiny_model_dir, 6, seed=5))
     trainer = Trainer(
-        experiment(tmp_path, tiny_model_dir, redis_url, 2, total_steps=3, background_publish=True)
+        experiment(tmp_path, tiny_model_dir, redis_url, 2, total_steps=3, publish={"background": True})
     )
     client = redis.Redis.from_url(redis_url)
     events = client.pubsub(ignore_subscribe_messages=True)

@@ -16,7 +16,9 @@ def fake_run(
 ) -> Path:
     run_dir = root / name
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(f"run: {{name: {name}}}\ntrainer: {{estimator: {estimator}}}\n")
+    (run_dir / "config.yaml").write_text(
+        f"run: {{name: {name}}}\ntrainer: {{advantage: {{estimator: {estimator}}}}}\n"
+    )
     with (run_dir / "metrics.jsonl").open("w") as out:
         for step, ratio in enumerate(conflict, start=1):
             record = {"step": step, "conflict_ratio": ratio, "keep_ratio": 1 - ratio}

@@ -30,28 +30,31 @@ def test_baseline_configs_differ_from_the_demo_only_in_estimator_and_run(estimat
     variant = load_config(REPO / "configs" / f"tool_calling_{estimator}_smollm2_cpu.yaml").model_dump(
         mode="json"
     )
-    assert variant["trainer"].pop("estimator") == estimator
+    # The variant's advantage section is its estimator alone (the demo's τ belongs to gd2po_snr).
+    assert variant["trainer"].pop("advantage") == load_config(
+        trainer={"advantage": {"estimator": estimator}}
+    ).trainer.advantage.model_dump(mode="json")
     assert variant.pop("run") == {
         **demo.pop("run"),
         "name": f"tool-calling-{name}",
         "output_dir": f"runs/tool-calling-{name}",
     }
-    demo["trainer"].pop("estimator")
+    demo["trainer"].pop("advantage")
     assert variant == demo
 
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(
-        "trainer: {lr: 2.0e-6, tau: 0.5}\nrewards:\n  - {name: a, url: 'http://127.0.0.1:1'}\n"
+        "trainer: {lr: 2.0e-6, advantage: {tau: 0.5}}\nrewards:\n  - {name: a, url: 'http://127.0.0.1:1'}\n"
         "  - {name: b, url: 'http://127.0.0.1:2'}\n"
     )
     (tmp_path / "nested").mkdir()
     child = tmp_path / "nested" / "child.yaml"
     child.write_text(
-        "extends: ../base.yaml\ntrainer: {tau: 0.9}\nrewards:\n  - {name: c, url: 'http://127.0.0.1:3'}\n"
+        "extends: ../base.yaml\ntrainer: {advantage: {tau: 0.9}}\nrewards:\n  - {name: c, url: 'http://127.0.0.1:3'}\n"
     )
     config = load_config(child)
-    assert (config.trainer.lr, config.trainer.tau) == (2e-6, 0.9)
+    assert (config.trainer.lr, config.trainer.advantage.tau) == (2e-6, 0.9)
     assert config.reward_names == ["c"]
 
 
@@ -70,25 +73,25 @@ def test_extends_errors_name_the_problem(tmp_path: Path) -> None:
 def test_yaml_values_are_loaded_and_typed(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        "trainer:\n  lr: 2.0e-6\n  estimator: gd2po_hard\nrewards:\n"
+        "trainer:\n  lr: 2.0e-6\n  advantage: {estimator: gd2po_hard}\nrewards:\n"
         "  - {name: correctness, url: 'http://127.0.0.1:8101', weight: 2}\n"
         "  - {name: format, url: ['http://a:1', 'http://b:2']}\n",
     )
     config = load_config(path)
     assert config.trainer.lr == 2e-6
-    assert config.trainer.estimator == "gd2po_hard"
+    assert config.trainer.advantage.estimator == "gd2po_hard"
     assert config.rewards[0].weight == 2.0
     assert config.rewards[1].urls == ["http://a:1", "http://b:2"]
     assert config.reward_names == ["correctness", "format"]
 
 
 def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _write(tmp_path, "trainer:\n  lr: 2.0e-6\n  tau: 0.5\n")
+    path = _write(tmp_path, "trainer:\n  lr: 2.0e-6\n  advantage: {tau: 0.5}\n")
     monkeypatch.setenv("GD2PO_TRAINER__LR", "3e-5")
     monkeypatch.setenv("GD2PO_REDIS__URL", "redis://127.0.0.1:7000/1")
     config = load_config(path)
     assert config.trainer.lr == 3e-5
-    assert config.trainer.tau == 0.5  # untouched keys of the same section survive
+    assert config.trainer.advantage.tau == 0.5  # untouched keys of the same section survive
     assert config.redis.url == "redis://127.0.0.1:7000/1"
 
 
