@@ -44,8 +44,9 @@ ops: venv  ## DeepSpeed's CPU ops (shared-memory comm, fused Adam), JIT-built on
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import FusedAdamBuilder, ShareMemCommBuilder; \
 		[builder().load(verbose=False) for builder in (ShareMemCommBuilder, FusedAdamBuilder)]"
 
-schemas: venv
+schemas: venv  ## generated files a test keeps current: the wire JSON schemas and docs/config.md
 	$(PY) -m proto.jsonschema
+	$(PY) -m gd2po.config_reference
 
 lint: venv
 	$(VENV)/bin/ruff check .
