@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
+"""What a step's time is split into (``gd2po_trainer_step_phase_seconds{phase}``, ``phase/<name>`` in the
+record): waiting for groups (the pull), advantages, forward+backward and optimizer steps (the learning),
+weight publishing."""
 GROUP_OUTCOMES = ("trained", "stale", "duplicate", "untrainable", "undecodable")
 """Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
 as too stale, skipped as a second copy, or dead-lettered because it cannot be trained or does not decode."""
@@ -111,6 +116,32 @@ class TrainerMetrics:
         if step.get("all_filtered", 0.0) >= 1.0:
             self.all_filtered.inc()
         self.steps.inc()
+
+
+class StepTimer:
+    """Seconds one trainer step spends in each of `PHASES`. A phase entered several times (one
+    forward/backward per micro-batch) accumulates; an unknown name is refused, so every timed phase is
+    one the metrics export."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in self.seconds:
+            raise ValueError(f"unknown step phase {name!r}; known: {', '.join(PHASES)}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def total(self) -> float:
+        """The step's time: every phase, added in `PHASES` order."""
+        return sum(self.seconds[name] for name in PHASES)
+
+    def record(self) -> dict[str, float]:
+        return {f"phase/{name}": seconds for name, seconds in self.seconds.items()}
 
 
 class JsonlLog:
