@@ -1,5 +1,6 @@
-"""The trainer loop: pull B fresh groups → advantages → PPO update → publish weights → metrics; every
-``trainer.checkpoint.every`` steps a checkpoint, then the groups it includes are committed (ledger + XACK).
+"""The trainer loop, one step in named phases: pull B fresh groups → learn (advantages, PPO update) →
+publish weights → record the step's metrics; every ``trainer.checkpoint.every`` steps a checkpoint, then
+the groups it includes are committed (ledger + XACK).
 
 Exactly-once: a group is acknowledged only once a checkpoint holding its update exists, so after a
 crash ``--resume`` restores that checkpoint and the pending entries are exactly the groups it lacks.
@@ -18,16 +19,18 @@ import torch.distributed as dist
 import uvicorn
 from fastapi import FastAPI
 
+from proto import ScoredGroup
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
 from proto.startup import require_model, wait_for_redis
 from trainer import checkpoint
-from trainer.batching import GroupRules, build_batch
+from trainer.algorithms import AdvantageEstimate
+from trainer.batching import GroupRules, TrainBatch, build_batch
 from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
-from trainer.metrics import JsonlLog, TrainerMetrics
+from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
 from trainer.step import advantages_for, train_on
@@ -176,48 +179,90 @@ class Trainer:
         counts: Counts,
         uncommitted: Pulled,
     ) -> dict[str, float] | None:
-        trainer = self.config.trainer
-        tick = time.perf_counter()
-        pulled = Pulled()
-        if consumer is not None:
-            before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable)
-            pulled = consumer.pull(
-                trainer.prompts_per_step,
-                state.policy_version,
-                trainer.max_staleness,
-                counts,
-                self.stopping.is_set,
-            )
-            self.metrics.groups.labels("stale").inc(counts.stale - before[0])
-            self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
-            self.metrics.groups.labels("untrainable").inc(counts.untrainable - before[2])
-            self.metrics.groups.labels("undecodable").inc(counts.undecodable - before[3])
-        groups = _broadcast(pulled.groups)
-        if len(groups) < trainer.prompts_per_step:
+        """One step in four phases — pull, learn, publish, record — timed by one step timer; None when
+        the trainer is stopping before a full batch arrived."""
+        timer = StepTimer()
+        with timer.phase("wait"):
+            pulled = self._pull(consumer, state, counts)
+            groups = _broadcast(pulled.groups)
+        if len(groups) < self.config.trainer.prompts_per_step:
             return None  # stopping
-        wait = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
-        advantages, signals, group_keep = advantages_for(batch, self.config)
-        advantage_time = time.perf_counter() - tick
-
-        shard = _shard(batch.size)
-        record = train_on(engine, batch.select(shard), advantages[shard], self.config, self.reference)
+        batch, estimate, record = self._learn(engine, groups, state, timer)
         state.step += 1
+        with timer.phase("publish"):
+            self._publish(engine, publisher, state)
+        return self._record(
+            record, groups, pulled, batch, estimate, state, counts, consumer, uncommitted, timer
+        )
 
-        tick = time.perf_counter()
-        if trainer.publish.every and state.step % trainer.publish.every == 0:
-            writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
-            weights = full_state_dict(
-                engine.module, engine.zero_stage, snapshot=trainer.publish.background and writer
-            )
-            if writer:
-                state.policy_version += 1
-                publisher.publish(engine.module, weights, state.policy_version, state.step)
-            state.policy_version = _broadcast(state.policy_version)
-        publish = time.perf_counter() - tick
+    def _pull(self, consumer: GroupConsumer | None, state: checkpoint.TrainerState, counts: Counts) -> Pulled:
+        """Rank 0 reads the step's fresh groups (counting those it skips or dead-letters); other ranks get
+        them by broadcast."""
+        if consumer is None:
+            return Pulled()
+        trainer = self.config.trainer
+        before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable)
+        pulled = consumer.pull(
+            trainer.prompts_per_step,
+            state.policy_version,
+            trainer.max_staleness,
+            counts,
+            self.stopping.is_set,
+        )
+        self.metrics.groups.labels("stale").inc(counts.stale - before[0])
+        self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
+        self.metrics.groups.labels("untrainable").inc(counts.untrainable - before[2])
+        self.metrics.groups.labels("undecodable").inc(counts.undecodable - before[3])
+        return pulled
 
+    def _learn(
+        self,
+        engine: PolicyEngine,
+        groups: list[ScoredGroup],
+        state: checkpoint.TrainerState,
+        timer: StepTimer,
+    ) -> tuple[TrainBatch, AdvantageEstimate, dict[str, float]]:
+        """Advantages over the whole batch, then the PPO update on this rank's shard of it."""
+        with timer.phase("advantages"):
+            batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
+            estimate = advantages_for(batch, self.config)
+        shard = _shard(batch.size)
+        record = train_on(
+            engine, batch.select(shard), estimate.advantages[shard], self.config, self.reference, timer=timer
+        )
+        return batch, estimate, record
+
+    def _publish(
+        self,
+        engine: PolicyEngine,
+        publisher: WeightPublisher | BackgroundPublisher,
+        state: checkpoint.TrainerState,
+    ) -> None:
+        """Every ``trainer.publish.every`` steps, a new policy version for the rollout."""
+        publish = self.config.trainer.publish
+        if not (publish.every and state.step % publish.every == 0):
+            return
+        writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
+        weights = full_state_dict(engine.module, engine.zero_stage, snapshot=publish.background and writer)
+        if writer:
+            state.policy_version += 1
+            publisher.publish(engine.module, weights, state.policy_version, state.step)
+        state.policy_version = _broadcast(state.policy_version)
+
+    def _record(
+        self,
+        record: dict[str, float],
+        groups: list[ScoredGroup],
+        pulled: Pulled,
+        batch: TrainBatch,
+        estimate: AdvantageEstimate,
+        state: checkpoint.TrainerState,
+        counts: Counts,
+        consumer: GroupConsumer | None,
+        uncommitted: Pulled,
+        timer: StepTimer,
+    ) -> dict[str, float]:
+        """Hold the step's groups for the next commit, and complete and export its record."""
         staleness = batch.group_staleness()  # one value per group, not one per rollout
         if consumer is not None:
             uncommitted.groups.extend(pulled.groups)
@@ -225,20 +270,16 @@ class Trainer:
             for age in staleness:
                 self.metrics.staleness.observe(age)
         state.groups_trained += len(groups)
-        step_time = (
-            wait + advantage_time + record["phase/forward_backward"] + record["phase/optimizer"] + publish
-        )
-        record.update(signals)
+        wait = timer.seconds["wait"]
+        record.update(estimate.metrics)
         record.update(
             {
                 "step": state.step,
                 "policy_version": state.policy_version,
                 "groups": len(groups),
                 "group_ids": [g.group_id for g in groups],
-                "tokens_per_second": record["tokens_trained"] / max(step_time - wait, 1e-9),
-                "phase/wait": wait,
-                "phase/advantages": advantage_time,
-                "phase/publish": publish,
+                "tokens_per_second": record["tokens_trained"] / max(timer.total() - wait, 1e-9),
+                **timer.record(),
                 "staleness_mean": sum(staleness) / len(staleness),  # over groups, as the histogram
                 "stale_dropped_total": counts.stale,
                 "duplicates_total": counts.duplicate,
@@ -250,7 +291,7 @@ class Trainer:
         if consumer is not None:
             record["queue_depth"] = consumer.queue_depth()
             record["deadletter_depth"] = consumer.deadletter_depth()
-        self.metrics.record(record, group_keep.tolist())
+        self.metrics.record(record, estimate.group_keep.tolist())
         return record
 
 

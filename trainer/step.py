@@ -4,7 +4,7 @@ epochs → DeepSpeed backward/step. Micro-batch losses are weighted so the confi
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from trainer.algorithms import AdvantageEstimate, compute_advantages
 from trainer.batching import TrainBatch
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.loss import policy_loss
+from trainer.metrics import StepTimer
 
 
 def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> AdvantageEstimate:
@@ -111,14 +112,59 @@ def _frozen_logprobs(
     return torch.where(batch.response_mask.bool(), torch.cat(parts), 0.0)
 
 
+@dataclass
+class _StepInputs:
+    """What every micro-batch of a step reads, computed once before the first update."""
+
+    old_logprobs: torch.Tensor  # [N, L−1] π_old: the rollout's, or recomputed
+    ref_logprobs: torch.Tensor | None  # [N, L−1] the frozen reference's, when the loss has a KL term
+    has_response: torch.Tensor  # [N] bool: rows with a response token (others have nothing to score)
+    trains: torch.Tensor  # [N] bool: rows with a gradient (`_rows_that_train`)
+    by_group: bool  # forward each group's shared prompt once
+
+
+@dataclass
+class _StepStats:
+    """Loss statistics and counts accumulated over a step's optimizer steps."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    updates: int = 0
+    rows_trained: int = 0
+    tokens_trained: float = 0.0
+
+    def add(self, values: dict[str, float], share: float, stats_share: float) -> None:
+        for key, value in values.items():
+            weight = share if key == "pg_loss" else stats_share  # see train_on's docstring
+            self.totals[key] = self.totals.get(key, 0.0) + value * weight
+
+    def summary(self, engine: PolicyEngine) -> dict[str, float]:
+        record = {key: value / self.updates for key, value in self.totals.items()}
+        record.update(
+            {
+                "loss": record.get("pg_loss", 0.0),
+                "kl": record.get("approx_kl", 0.0),
+                "clip_fraction": record.get("clip_frac", 0.0),
+                "grad_norm": engine.grad_norm() if self.updates else 0.0,
+                "learning_rate": engine.learning_rate(),
+                "rows_trained": self.rows_trained / self.updates if self.updates else 0.0,
+                "optimizer_steps": float(self.updates),
+                "tokens_trained": self.tokens_trained,
+            }
+        )
+        return record
+
+
 def train_on(
     engine: PolicyEngine,
     batch: TrainBatch,
     advantages: torch.Tensor,
     config: ExperimentConfig,
     reference: ReferencePolicy | None = None,
+    *,
+    timer: StepTimer | None = None,
 ) -> dict[str, float]:
-    """PPO epochs × mini-batches, each one optimizer step; returns loss stats and phase times.
+    """PPO epochs × mini-batches, each one optimizer step; returns loss stats. Forward+backward and
+    optimizer time go to ``timer`` (the trainer's step timer; a fresh one by default).
 
     A mini-batch has as many micro-batches as it has rows to forward (at most the configured
     ``gradient_accumulation_steps``), and one with no row that trains skips its optimizer step
@@ -131,7 +177,24 @@ def train_on(
     token of the mini-batch (idle rows add 0 to it). ``rows_trained`` is the mean number of rows
     forwarded per optimizer step, ``tokens_trained`` the response tokens forwarded in all of them (this
     rank's shard)."""
-    trainer = config.trainer
+    timer = timer or StepTimer()
+    inputs = _step_inputs(engine, batch, advantages, config.trainer, reference)
+    stats = _StepStats()
+    generator = torch.Generator().manual_seed(config.run.seed)
+    for _ in range(config.trainer.ppo_epochs):
+        order = torch.randperm(batch.size, generator=generator)
+        for mini in torch.tensor_split(order, config.trainer.mini_batches):
+            _update(engine, batch, advantages, mini, inputs, config.trainer, stats, timer)
+    return stats.summary(engine)
+
+
+def _step_inputs(
+    engine: PolicyEngine,
+    batch: TrainBatch,
+    advantages: torch.Tensor,
+    trainer: TrainerConfig,
+    reference: ReferencePolicy | None,
+) -> _StepInputs:
     if trainer.loss.kl_coef and reference is None:
         raise ValueError("trainer.loss.kl_coef > 0 needs a reference policy")
     # The engine's shard in one forward: under ZeRO-3 every rank must run as many forwards as the others
@@ -144,85 +207,102 @@ def train_on(
         _frozen_logprobs(reference, batch, engine.micro_batch_size) if trainer.loss.kl_coef else None
     )
     has_response = batch.response_mask.sum(dim=1) > 0
-    trains = _rows_that_train(advantages, has_response, trainer)
-    accumulation = engine.accumulation_steps
-    # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
-    by_group = trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1)
-    totals: dict[str, float] = {}
-    updates = rows_trained = 0
-    tokens_trained = 0.0
-    forward_backward = optimizer = 0.0
-    generator = torch.Generator().manual_seed(config.run.seed)
-    for _ in range(trainer.ppo_epochs):
-        order = torch.randperm(batch.size, generator=generator)
-        for mini in torch.tensor_split(order, trainer.mini_batches):
-            total = _denominator(batch.response_mask[mini], trainer.loss.agg)
-            stats_total = float(batch.response_mask[mini[trains[mini]]].sum())
-            # Skipped rows still count in the denominator above: same gradient. A row without a
-            # response token is never forwarded: it has no target to score.
-            mini = mini[trains[mini] if trainer.skip_idle_rows else has_response[mini]]
-            micro_rows = _micro_batches(mini, accumulation, batch.group_index if by_group else None)
-            count = _agreed_count(len(micro_rows))
-            if count == 0:
-                continue  # nothing trains on any rank: no optimizer step (see the docstring)
-            rows_trained += mini.numel()
-            tokens_trained += float(batch.response_mask[mini].sum())
-            for index in range(count):
-                rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
-                last = index == count - 1
-                tick = time.perf_counter()
-                if rows.numel():
-                    logprobs, entropy = _policy_logprobs(
-                        engine, batch, rows, entropy=bool(trainer.loss.entropy_coef), by_group=by_group
-                    )
-                    loss, stats = policy_loss(
-                        logprobs,
-                        old_logprobs[rows],
-                        advantages[rows],
-                        batch.response_mask[rows],
-                        clip_low=trainer.loss.clip_low,
-                        clip_high=trainer.loss.clip_high,
-                        dual_clip=trainer.loss.dual_clip,
-                        agg=trainer.loss.agg,
-                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-                        kl_coef=trainer.loss.kl_coef,
-                        entropy=entropy,
-                        entropy_coef=trainer.loss.entropy_coef,
-                        stats_mask=batch.response_mask[rows] * trains[rows, None],
-                    )
-                    # total is 0 only when no row of the mini-batch has a response token (idle rows
-                    # forwarded with skip_idle_rows off): nothing to weigh, zero gradient.
-                    share = (
-                        _denominator(batch.response_mask[rows], trainer.loss.agg) / total if total else 0.0
-                    )
-                    # DeepSpeed divides every micro-batch loss by `accumulation`: undo it, the shares
-                    # already make the micro-batches add up to the mini-batch's aggregation.
-                    engine.backward(loss * share * accumulation, last=last)
-                    stats_share = float(batch.response_mask[rows[trains[rows]]].sum()) / max(stats_total, 1.0)
-                    for key, value in stats.items():
-                        weight = share if key == "pg_loss" else stats_share  # see the docstring
-                        totals[key] = totals.get(key, 0.0) + value * weight
-                else:  # another rank still has a micro-batch: take part in its gradient reduction
-                    zero = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
-                    engine.backward(zero, last=last)
-                forward_backward += time.perf_counter() - tick
-                tick = time.perf_counter()
-                engine.step()
-                optimizer += time.perf_counter() - tick
-            updates += 1
-    record = {key: value / updates for key, value in totals.items()}
-    record.update(
-        {
-            "loss": record.get("pg_loss", 0.0),
-            "kl": record.get("approx_kl", 0.0),
-            "clip_fraction": record.get("clip_frac", 0.0),
-            "grad_norm": engine.grad_norm() if updates else 0.0,
-            "learning_rate": engine.learning_rate(),
-            "phase/forward_backward": forward_backward,
-            "phase/optimizer": optimizer,
-            "rows_trained": rows_trained / updates if updates else 0.0,
-            "optimizer_steps": float(updates),
-            "tokens_trained": tokens_trained,
-        }
+    return _StepInputs(
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        has_response=has_response,
+        trains=_rows_that_train(advantages, has_response, trainer),
+        # Under multi-rank ZeRO-3 every rank must run as many forwards as the others; groups per rank vary.
+        by_group=trainer.share_prompt_forward and not (engine.zero_stage == 3 and dist.get_world_size() > 1),
     )
-    return record
+
+
+def _update(
+    engine: PolicyEngine,
+    batch: TrainBatch,
+    advantages: torch.Tensor,
+    mini: torch.Tensor,
+    inputs: _StepInputs,
+    trainer: TrainerConfig,
+    stats: _StepStats,
+    timer: StepTimer,
+) -> None:
+    """One mini-batch: its micro-batches forwarded and backwarded, one optimizer step — or none when no
+    row trains on any rank (see `train_on`)."""
+    total = _denominator(batch.response_mask[mini], trainer.loss.agg)
+    stats_total = float(batch.response_mask[mini[inputs.trains[mini]]].sum())
+    # Skipped rows still count in the denominator above: same gradient. A row without a response token
+    # is never forwarded: it has no target to score.
+    mini = mini[inputs.trains[mini] if trainer.skip_idle_rows else inputs.has_response[mini]]
+    micro_rows = _micro_batches(
+        mini, engine.accumulation_steps, batch.group_index if inputs.by_group else None
+    )
+    count = _agreed_count(len(micro_rows))
+    if count == 0:
+        return  # nothing trains on any rank: no optimizer step
+    stats.rows_trained += mini.numel()
+    stats.tokens_trained += float(batch.response_mask[mini].sum())
+    for index in range(count):
+        rows = micro_rows[index] if index < len(micro_rows) else mini[:0]
+        with timer.phase("forward_backward"):
+            _forward_backward(
+                engine,
+                batch,
+                advantages,
+                rows,
+                inputs,
+                trainer,
+                stats,
+                total,
+                stats_total,
+                index == count - 1,
+            )
+        with timer.phase("optimizer"):
+            engine.step()
+    stats.updates += 1
+
+
+def _forward_backward(
+    engine: PolicyEngine,
+    batch: TrainBatch,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    inputs: _StepInputs,
+    trainer: TrainerConfig,
+    stats: _StepStats,
+    total: float,
+    stats_total: float,
+    last: bool,
+) -> None:
+    """One micro-batch's loss, weighted into its mini-batch's aggregation, and its backward."""
+    if not rows.numel():  # another rank still has a micro-batch: take part in its gradient reduction
+        zero = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
+        engine.backward(zero, last=last)
+        return
+    loss = trainer.loss
+    logprobs, entropy = _policy_logprobs(
+        engine, batch, rows, entropy=bool(loss.entropy_coef), by_group=inputs.by_group
+    )
+    value, values = policy_loss(
+        logprobs,
+        inputs.old_logprobs[rows],
+        advantages[rows],
+        batch.response_mask[rows],
+        clip_low=loss.clip_low,
+        clip_high=loss.clip_high,
+        dual_clip=loss.dual_clip,
+        agg=loss.agg,
+        ref_logprobs=None if inputs.ref_logprobs is None else inputs.ref_logprobs[rows],
+        kl_coef=loss.kl_coef,
+        entropy=entropy,
+        entropy_coef=loss.entropy_coef,
+        stats_mask=batch.response_mask[rows] * inputs.trains[rows, None],
+    )
+    # total is 0 only when no row of the mini-batch has a response token (idle rows forwarded with
+    # skip_idle_rows off): nothing to weigh, zero gradient.
+    share = _denominator(batch.response_mask[rows], loss.agg) / total if total else 0.0
+    # DeepSpeed divides every micro-batch loss by the accumulation steps: undo it, the shares already
+    # make the micro-batches add up to the mini-batch's aggregation.
+    engine.backward(value * share * engine.accumulation_steps, last=last)
+    stats_share = float(batch.response_mask[rows[inputs.trains[rows]]].sum()) / max(stats_total, 1.0)
+    stats.add(values, share, stats_share)

@@ -29,6 +29,7 @@ from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.weights import weights_digest
 from trainer.algorithms import compute_advantages
+from trainer.metrics import PHASES
 from trainer.publisher import BackgroundPublisher, WeightPublisher
 from trainer.service import Trainer
 
@@ -96,6 +97,14 @@ def test_real_steps_publish_weights_that_reproduce_the_trainer(
     steps = read_steps(tmp_path / "run")
     assert [s["step"] for s in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    # One step timer: every phase in the record, the learning and publishing phases took time, and the
+    # throughput is over the step's time without the wait.
+    for s in steps:
+        phases = {name: s[f"phase/{name}"] for name in PHASES}
+        assert min(phases.values()) >= 0, phases
+        assert phases["advantages"] > 0 and phases["forward_backward"] > 0 and phases["publish"] > 0, phases
+        busy = sum(phases.values()) - phases["wait"]
+        assert s["tokens_per_second"] == pytest.approx(s["tokens_trained"] / busy)
 
     # Published, announced, verifiable.
     client = redis.Redis.from_url(redis_url)
@@ -185,3 +194,28 @@ def test_background_publishing_announces_every_version_from_a_snapshot(
         written = load_file(str(Path(announcement.path) / "model.safetensors"))
         assert all(torch.equal(written[name], expected[name]) for name in expected), announcement.version
     assert all(any(not torch.equal(a[k], b[k]) for k in a) for a, b in itertools.pairwise(handed_over))
+
+
+def test_published_weights_and_checkpoints_keep_their_own_number_of_folders(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    """trainer.publish.keep_last and trainer.checkpoint.keep_last are separate settings (they were one)."""
+    push(redis_url, generate_groups(tiny_model_dir, 6, seed=5))
+    config = experiment(
+        tmp_path,
+        tiny_model_dir,
+        redis_url,
+        0,
+        total_steps=3,
+        publish={"every": 1, "keep_last": 1},
+        checkpoint={"every": 1, "keep_last": 2},
+    )
+
+    Trainer(config).run()
+
+    run_dir = Path(config.run.output_dir)
+    assert sorted(p.name for p in (run_dir / "weights").glob("step-*")) == ["step-3"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir()) == [
+        "step-2",
+        "step-3",
+    ]
