@@ -162,6 +162,12 @@ def _section_doc(field: FieldInfo, model: type[BaseModel]) -> str:
     return " ".join(part for part in parts if part)
 
 
+def _row(name: str, field: FieldInfo) -> tuple[str, str, str, str]:
+    kind = _type_name(field.annotation)
+    bounds = _constraints(field)
+    return name, f"{kind} ({bounds})" if bounds else kind, _default(field), _text(field.description)
+
+
 def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     lines += [f"| `{key}` | {kind} | {default} | {doc} |" for key, kind, default, doc in rows]
@@ -183,11 +189,7 @@ def _section(prefix: str, model: type[BaseModel], doc: str, *, skip: tuple[str, 
         if variants or sub is not None:
             nested.append((key, field, variants, sub))
             continue
-        kind = _type_name(field.annotation)
-        bounds = _constraints(field)
-        rows.append(
-            (name, f"{kind} ({bounds})" if bounds else kind, _default(field), _text(field.description))
-        )
+        rows.append(_row(name, field))
     if rows:
         lines += [*_table(rows), ""]
     for key, field, variants, sub in nested:
@@ -209,19 +211,7 @@ def _union(key: str, field: FieldInfo, variants: list[type[BaseModel]]) -> list[
         name = get_args(variant.model_fields[tag].annotation)[0]
         lines += [f"### `{key}` with `{tag}: {name}`", "", _class_doc(variant), ""]
         rows = [(tag, f"`{name}`", "", "selects this estimator")]
-        for option, option_field in variant.model_fields.items():
-            if option == tag:
-                continue
-            kind = _type_name(option_field.annotation)
-            bounds = _constraints(option_field)
-            rows.append(
-                (
-                    option,
-                    f"{kind} ({bounds})" if bounds else kind,
-                    _default(option_field),
-                    _text(option_field.description),
-                )
-            )
+        rows += [_row(option, f) for option, f in variant.model_fields.items() if option != tag]
         lines += [*_table(rows), ""]
     return lines
 
@@ -237,7 +227,7 @@ def render() -> str:
     lines += [
         "## Top level",
         "",
-        *_table([(n, _type_name(f.annotation), _default(f), _text(f.description)) for n, f in top]),
+        *_table([_row(name, field) for name, field in top]),
         "",
     ]
     for name, field in ExperimentConfig.model_fields.items():
