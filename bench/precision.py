@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", type=Path, default=REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
     args = parser.parse_args()
+    where = machine()  # before pinning, which would make it report one core
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core, as the demo's trainer has
     torch.set_num_threads(1)
 
@@ -82,7 +83,7 @@ def main() -> None:
 
     base = statistics.median(seconds[("fp32", None)])
     lines = [
-        f"`python -m bench.precision --repeats {args.repeats}` · {utc_now()} · {machine()}",
+        f"`python -m bench.precision --repeats {args.repeats}` · {utc_now()} · {where}",
         "",
         versions("torch", "deepspeed", "transformers"),
         f"model: {args.model.name}; one group = {PROMPT}-token prompt (forwarded once) + {GROUP} × {ANSWER}"
