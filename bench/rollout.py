@@ -47,6 +47,7 @@ from gd2po.processes import Child
 from gd2po.redis_server import RedisProcess, free_port
 from proto import ScoredGroup, decode
 from proto.keys import RedisKeys
+from proto.stream import entry_message
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -216,7 +217,7 @@ def batches_from_stream(client: redis.Redis, keys: RedisKeys, per_batch: int) ->
     batches = []
     for start in range(0, len(entries), per_batch):
         chunk = entries[start : start + per_batch]
-        groups = [decode(fields[b"msg"], ScoredGroup) for _, fields in chunk]
+        groups = [decode(entry_message(fields), ScoredGroup) for _, fields in chunk]
         ended = max(int(entry_id.split(b"-")[0]) for entry_id, _ in chunk) / 1000
         batches.append((ended, sum(len(c.token_ids) for g in groups for c in g.completions)))
     return batches

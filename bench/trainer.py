@@ -41,6 +41,7 @@ from gd2po.runlog import read_steps
 from proto import Completion, ScoredGroup, encode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
+from proto.stream import entry_fields
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, LAYERS = 24_576, 256, 4
@@ -116,7 +117,7 @@ def prefill(url: str, count: int, args: argparse.Namespace) -> None:
     rng = torch.Generator().manual_seed(0)
     pipe = client.pipeline(transaction=False)
     for index in range(count):
-        pipe.xadd(keys.groups, {"msg": encode(synthetic_group(index, args, rng))})
+        pipe.xadd(keys.groups, entry_fields(encode(synthetic_group(index, args, rng))))
     pipe.incrby(keys.produced, count)
     pipe.execute()
     client.close()

@@ -1,15 +1,20 @@
-"""The live view of a running stack: trainer steps from the run log, queue depth from Redis and
-generation speed from the rollout service's metrics, refreshed about once a second."""
+"""The live view of a running stack: trainer steps from the run log, the queue state from Redis and
+generation speed from the rollout service's metrics, refreshed about once a second.
+
+It only reads and renders: :class:`RunReader` takes a :class:`Snapshot` of a run from its run folder,
+rollout URL and Redis, and :class:`RunView` shows snapshots. Supervising the services (who is alive,
+when to stop) is the stack's job (:meth:`gd2po.stack.Stack.follow`); this module does not know the
+stack.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import sys
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import redis
@@ -22,9 +27,54 @@ from rich.table import Table
 from gd2po.learning import quarter_rise
 from gd2po.runlog import read_steps, reward_names
 from proto.keys import RedisKeys
+from proto.stream import QueueState, queue_state
 
-if TYPE_CHECKING:
-    from gd2po.stack import Stack
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One moment of a run, as the live view shows it.
+
+    ``steps``: the trainer's step records so far (metrics.jsonl, oldest first); ``rollout``: the
+    rollout's unlabelled metric samples by name (empty when it did not answer); ``queue``: the queue
+    state (None when Redis did not answer)."""
+
+    title: str
+    total_steps: int
+    steps: list[dict] = field(default_factory=list)
+    rollout: dict[str, float] = field(default_factory=dict)
+    queue: QueueState | None = None
+
+
+class RunReader:
+    """Reads :class:`Snapshot` s of one run; a context manager that owns its HTTP and Redis clients."""
+
+    def __init__(
+        self, *, title: str, total_steps: int, run_dir: Path, rollout_url: str, redis_url: str, namespace: str
+    ):
+        self.title, self.total_steps, self.run_dir = title, total_steps, Path(run_dir)
+        self.rollout_url, self.keys = rollout_url, RedisKeys(namespace)
+        self._http = httpx.Client(timeout=2.0)
+        self._redis = redis.Redis.from_url(redis_url)
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+        self._redis.close()
+
+    def snapshot(self, *, live: bool = True) -> Snapshot:
+        """The run now; without ``live`` only the step records (no scrape, no Redis round trips)."""
+        steps = read_steps(self.run_dir)
+        if not live:
+            return Snapshot(title=self.title, total_steps=self.total_steps, steps=steps)
+        return Snapshot(
+            title=self.title,
+            total_steps=self.total_steps,
+            steps=steps,
+            rollout=_scrape(self._http, self.rollout_url),
+            queue=_queue(self._redis, self.keys),
+        )
 
 
 def _scrape(client: httpx.Client, url: str) -> dict[str, float]:
@@ -40,23 +90,21 @@ def _scrape(client: httpx.Client, url: str) -> dict[str, float]:
     return values
 
 
-def _queue_depth(client: redis.Redis, keys: RedisKeys) -> int | None:
+def _queue(client: redis.Redis, keys: RedisKeys) -> QueueState | None:
     try:
-        for group in client.xinfo_groups(keys.groups):
-            if group["name"] in (keys.trainer_group, keys.trainer_group.encode()):
-                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
-        return int(client.xlen(keys.groups))
-    except redis.RedisError:
+        return queue_state(client, keys)
+    except redis.RedisError:  # a view must not fail the run: show "?" until Redis answers again
         return None
 
 
-def _table(stack: Stack, steps: list[dict], rollout: dict[str, float], depth: int | None) -> Table:
-    total = stack.config.trainer.total_steps
+def render(snapshot: Snapshot) -> Table:
+    """The live table of a snapshot."""
+    steps, rollout = snapshot.steps, snapshot.rollout
     last = steps[-1] if steps else {}
-    table = Table(title=f"gd2po · {stack.config.run.name} · {stack.run_dir}", expand=False)
+    table = Table(title=snapshot.title, expand=False)
     table.add_column("signal")
     table.add_column("value", justify="right")
-    table.add_row("step", f"{int(last.get('step', 0))}/{total}")
+    table.add_row("step", f"{int(last.get('step', 0))}/{snapshot.total_steps}")
     for name in reward_names(steps):
         table.add_row(f"reward {name} (mean)", _reward_cell(steps, name))
     for key in ("conflict_ratio", "drop_ratio", "keep_ratio", "loss"):
@@ -64,7 +112,10 @@ def _table(stack: Stack, steps: list[dict], rollout: dict[str, float], depth: in
             table.add_row(key, f"{last[key]:.4f}")
     table.add_row("rollout tokens/s", f"{rollout.get('gd2po_rollout_tokens_per_second', 0.0):.1f}")
     table.add_row("rollout policy version", f"{int(rollout.get('gd2po_rollout_policy_version', 0))}")
-    table.add_row("queue depth", "?" if depth is None else str(depth))
+    # The names the services export and metrics.jsonl records (proto.stream.QUEUE_METRICS).
+    queue = snapshot.queue.as_metrics() if snapshot.queue is not None else None
+    for name in ("queue_lag", "queue_pending", "queue_dead_letters"):
+        table.add_row(name, "?" if queue is None else str(queue[name]))
     return table
 
 
@@ -81,31 +132,34 @@ def _reward_cell(steps: list[dict], name: str) -> str:
     return cell
 
 
-def follow_run(stack: Stack, *, show: bool = True, poll_s: float = 1.0) -> None:
-    """Block until the trainer exits (or a child fails), showing progress."""
-    console = Console(stderr=False)
-    interactive = show and sys.stdout.isatty()
-    keys = RedisKeys(stack.config.redis.namespace)
-    redis_client = redis.Redis.from_url(stack.redis_url)
-    printed = 0
-    with (
-        httpx.Client(timeout=2.0) as http,
-        Live(console=console, auto_refresh=False) if interactive else _Null() as live,
-    ):
-        while stack.trainer.exit_code() is None:
-            stack.check_alive()
-            steps = read_steps(stack.run_dir)
-            if interactive:
-                live.update(
-                    _table(stack, steps, _scrape(http, stack.rollout_url), _queue_depth(redis_client, keys))
-                )
-                live.refresh()
-            elif show:
-                for step in steps[printed:]:
-                    console.print(_step_line(step))
-                printed = len(steps)
-            time.sleep(poll_s)
-    redis_client.close()
+class RunView:
+    """Shows snapshots: a live table on a terminal, else one line per new trainer step; nothing when
+    ``show`` is false. A context manager (the live table holds the terminal while it is open)."""
+
+    def __init__(self, *, show: bool = True):
+        self.show_anything = show
+        self.interactive = show and sys.stdout.isatty()
+        self._console = Console(stderr=False)
+        self._live = Live(console=self._console, auto_refresh=False) if self.interactive else None
+        self._printed = 0
+
+    def __enter__(self) -> RunView:
+        if self._live is not None:
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def show(self, snapshot: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(render(snapshot))
+            self._live.refresh()
+        elif self.show_anything:
+            for step in snapshot.steps[self._printed :]:
+                self._console.print(_step_line(step))
+            self._printed = len(snapshot.steps)
 
 
 def _step_line(step: dict) -> str:
@@ -113,14 +167,6 @@ def _step_line(step: dict) -> str:
     parts += [f"{k}={step[k]:.4f}" for k in ("loss", "conflict_ratio", "keep_ratio") if k in step]
     parts += [f"{k}={v:.3f}" for k, v in step.items() if k.startswith("reward_mean/")]
     return "  ".join(parts)
-
-
-class _Null:
-    def __enter__(self) -> _Null:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 _TQDM_STEP = re.compile(r"sft:[^\r\n]*?(\d+)/(\d+) \[")  # trainer.sft's bar, not model loading's

@@ -23,7 +23,7 @@ import httpx
 from gd2po.environment import process_environment
 from gd2po.ports import free_port
 from gd2po.processes import Child
-from gd2po.progress import cold_start_progress
+from gd2po.progress import RunReader, RunView, cold_start_progress
 from gd2po.redis_server import RedisProcess
 from gd2po.runlog import REWARDS_FILE
 from proto.config import ExperimentConfig, dump_config, load_config, mask_url
@@ -299,6 +299,26 @@ class Stack:
                 f"{service.child.log_path}:\n{service.child.log_tail()}"
             )
 
+    def follow(self, *, show: bool = True, poll_s: float = 1.0) -> None:
+        """Block until the trainer exits, raising :class:`StackError` when a service dies (see
+        :meth:`check_alive`); meanwhile the progress view renders a snapshot of the run each poll."""
+        with (
+            RunReader(
+                title=f"gd2po · {self.config.run.name} · {self.run_dir}",
+                total_steps=self.config.trainer.total_steps,
+                run_dir=self.run_dir,
+                rollout_url=self.rollout_url,
+                redis_url=self.redis_url,
+                namespace=self.config.redis.namespace,
+            ) as reader,
+            RunView(show=show) as view,
+        ):
+            while self.trainer.exit_code() is None:
+                self.check_alive()
+                if view.show_anything:
+                    view.show(reader.snapshot(live=view.interactive))
+                time.sleep(poll_s)
+
     def _replicas_alive(self, reward: str) -> bool:
         return any(s.replica_of == reward and s.child.exit_code() is None for s in self.services)
 
@@ -368,7 +388,6 @@ def run_stack(
     Without an explicit ``pin``, an asynchronous run splits the cores between rollout and trainer
     (:func:`placement`): pinned with ``auto_pin``, else by thread-pool size only. ``resume`` continues the
     run in ``run_dir`` (its Redis data, newest checkpoint and prompt position) up to trainer.total_steps."""
-    from gd2po.progress import follow_run
     from gd2po.report import write_report
 
     config_path = Path(config_path).resolve()
@@ -391,7 +410,7 @@ def run_stack(
     with _sigterm_as_interrupt():
         try:
             stack.start()
-            follow_run(stack, show=progress)
+            stack.follow(show=progress)
             stack.check_alive()
         finally:
             stack.stop()

@@ -17,15 +17,14 @@ import msgpack
 import redis
 
 from proto.codec import CodecError, decode, encode
-from proto.keys import MESSAGE_FIELD, RedisKeys
+from proto.keys import RedisKeys
 from proto.messages import DeadLetter, ScoredGroup
-
-_FIELD = MESSAGE_FIELD.encode()
+from proto.stream import MESSAGE_FIELD, entry_fields, entry_message
 
 
 def add_dead_letter(pipe: redis.client.Pipeline, keys: RedisKeys, letter: DeadLetter) -> None:
     """Queue the commands that dead-letter ``letter`` on ``pipe`` (the caller executes it)."""
-    pipe.xadd(keys.deadletter, {MESSAGE_FIELD: encode(letter)})
+    pipe.xadd(keys.deadletter, entry_fields(encode(letter)))
     if letter.group_id is not None:
         pipe.sadd(keys.dead, letter.group_id)
 
@@ -56,7 +55,7 @@ def untrainable(group: ScoredGroup, reason: str, *, source: str, entry_id: str |
 
 
 def undecodable(
-    fields: Mapping[bytes, bytes],
+    fields: Mapping[bytes | str, bytes],
     reason: str,
     *,
     source: str,
@@ -66,7 +65,7 @@ def undecodable(
     """A stream entry whose message cannot be read as a ScoredGroup: its bytes in ``raw``, and the group
     id, prompt id, policy version and producer when the envelope is readable enough to name them (so
     the ``dead`` ledger accounts for the group and a second copy is recognised as a duplicate)."""
-    data = fields.get(_FIELD)
+    data = entry_message(fields)
     if data is None:  # no message field: keep every field
         data = msgpack.packb(dict(fields), use_bin_type=True)
     return DeadLetter(
@@ -96,13 +95,16 @@ def read_dead_letters(client: redis.Redis, keys: RedisKeys) -> list[tuple[str, D
         entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         fields = {k.encode() if isinstance(k, str) else k: v for k, v in fields.items()}
         try:
-            letter = decode(fields[_FIELD], DeadLetter)
+            message = entry_message(fields)
+            if message is None:
+                raise KeyError(MESSAGE_FIELD)
+            letter = decode(message, DeadLetter)
         except (KeyError, CodecError, ValueError) as exc:
             written = float(entry.split("-")[0]) / 1000  # a stream entry id starts with its unix ms
             if b"raw" in fields and b"reason" in fields:  # the trainer's record before schema 2.1
                 reason = fields[b"reason"]
                 reason = reason.decode(errors="replace") if isinstance(reason, bytes) else reason
-                letter = undecodable({_FIELD: fields[b"raw"]}, reason, source="trainer", dead_at=written)
+                letter = undecodable(entry_fields(fields[b"raw"]), reason, source="trainer", dead_at=written)
             else:
                 letter = undecodable(
                     fields, f"dead-letter record does not decode: {exc}", source="", dead_at=written

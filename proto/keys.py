@@ -6,8 +6,6 @@ A namespace prefix lets several experiments share one Redis without seeing each 
 from dataclasses import dataclass
 
 TRAINER_CONSUMER_GROUP = "trainer"
-MESSAGE_FIELD = "msg"
-"""The field of a stream entry (groups, dead letters) that holds the encoded message."""
 
 
 @dataclass(frozen=True)
@@ -65,4 +63,5 @@ class RedisKeys:
 
     @property
     def trainer_group(self) -> str:
+        """The trainer's consumer group on :attr:`groups` (created by proto.stream.ensure_consumer_group)."""
         return TRAINER_CONSUMER_GROUP

@@ -123,8 +123,9 @@ class RolloutLoop:
         while not self.stopping.is_set():
             if self.config.synchronous and scoring is not None:
                 await scoring  # its groups must be in Redis before "caught up" means anything
-            depth = await asyncio.to_thread(self.producer.backlog)
-            self.metrics.backlog.set(depth)
+            queue = await asyncio.to_thread(self.producer.queue_state)
+            self.metrics.record_queue(queue)
+            depth = queue.lag
             # The batch still being scored lands in the stream soon: count it, or the rollout runs a
             # batch past the bound and those groups go stale before the trainer gets to them.
             if scoring is not None and not scoring.done():

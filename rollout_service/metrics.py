@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proto.stream import QUEUE_METRICS, QueueState
+
 SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -45,7 +47,9 @@ class RolloutMetrics:
             ["reward"],
             registry=r,
         )
-        self.backlog = Gauge("gd2po_rollout_backlog", "Groups produced but not yet trained on", registry=r)
+        self.queue = {
+            name: Gauge(f"gd2po_rollout_{name}", text, registry=r) for name, text in QUEUE_METRICS.items()
+        }
         self.backpressure_seconds = Counter(
             "gd2po_rollout_backpressure_seconds", "Time spent waiting for the trainer", registry=r
         )
@@ -75,3 +79,7 @@ class RolloutMetrics:
         self.reload_failures = Counter(
             "gd2po_rollout_weight_reload_failures", "Weight reloads refused or failed", registry=r
         )
+
+    def record_queue(self, state: QueueState) -> None:
+        for name, value in state.as_metrics().items():
+            self.queue[name].set(value)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from proto import Completion, ScoredGroup, encode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
+from proto.stream import entry_fields
 
 PROMPTS = ["What is the capital of France?", "Name a prime number.", "Say hello.", "Count to three.", "Why?"]
 # Two rewards that disagree on rollouts 0 and 1 of every group: conflict ratio 0.5 by construction.
@@ -72,7 +73,7 @@ def generate_groups(model_dir: Path, count: int, *, group_size: int = 4, new_tok
 def push(redis_url: str, groups: list[ScoredGroup], keys: RedisKeys = RedisKeys()) -> None:
     client = redis.Redis.from_url(redis_url)
     for group in groups:
-        client.xadd(keys.groups, {"msg": encode(group)})
+        client.xadd(keys.groups, entry_fields(encode(group)))
     client.incrby(keys.produced, len(groups))
     client.close()
 

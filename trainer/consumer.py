@@ -28,11 +28,11 @@ import redis
 
 from proto import ScoredGroup, decode
 from proto.deadletter import add_dead_letter, undecodable, untrainable
-from proto.keys import MESSAGE_FIELD, RedisKeys
+from proto.keys import RedisKeys
+from proto.stream import MESSAGE_FIELD, QueueState, ensure_consumer_group, entry_message, queue_state
 from trainer.batching import GroupRules
 
 log = logging.getLogger("trainer.consumer")
-FIELD = MESSAGE_FIELD.encode()
 SOURCE = "trainer"
 
 
@@ -69,11 +69,7 @@ class GroupConsumer:
         self.client, self.keys, self.consumer, self.block_ms = client, keys, consumer, block_ms
         self.rules = rules
         self._in_flight: set[str] = set()  # pulled, not yet committed
-        try:
-            client.xgroup_create(keys.groups, keys.trainer_group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_consumer_group(client, keys)
         self._claimed: list[tuple[bytes, dict]] = self._claim_pending()
 
     def _claim_pending(self) -> list[tuple[bytes, dict]]:
@@ -128,11 +124,16 @@ class GroupConsumer:
         """The entry's group when it is to be trained; otherwise acknowledge the entry (with its ledger
         or dead-letter record, atomically) and return None."""
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        message = entry_message(fields)
         try:
-            group, letter = decode(fields[FIELD], ScoredGroup), None
+            if message is None:
+                raise KeyError(MESSAGE_FIELD)
+            group, letter = decode(message, ScoredGroup), None
         except Exception as exc:  # whatever fails to decode would fail again after every restart
             reason = (
-                f"undecodable entry: {exc}" if FIELD in fields else f"entry has no {MESSAGE_FIELD!r} field"
+                f"undecodable entry: {exc}"
+                if message is not None
+                else f"entry has no {MESSAGE_FIELD!r} field"
             )
             group, letter = None, undecodable(fields, reason[:2000], source=SOURCE, entry_id=entry)
         group_id = group.group_id if group is not None else letter.group_id
@@ -184,13 +185,6 @@ class GroupConsumer:
         pipe.execute()
         self._in_flight.difference_update(g.group_id for g in pulled.groups)
 
-    def queue_depth(self) -> int:
-        """Groups produced but not yet read by the trainer."""
-        for group in self.client.xinfo_groups(self.keys.groups):
-            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
-            if name == self.keys.trainer_group:
-                return int(group.get("lag") or 0)
-        return 0
-
-    def deadletter_depth(self) -> int:
-        return int(self.client.xlen(self.keys.deadletter))
+    def queue_state(self) -> QueueState:
+        """The queue as every side reports it (:func:`proto.stream.queue_state`)."""
+        return queue_state(self.client, self.keys)

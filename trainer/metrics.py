@@ -12,6 +12,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proto.stream import QUEUE_METRICS
+
 PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
 """What a step's time is split into (``gd2po_trainer_step_phase_seconds{phase}``, ``phase/<name>`` in the
 record): waiting for groups (the pull), advantages, forward+backward and optimizer steps (the learning),
@@ -35,8 +37,7 @@ SCALARS = {
     "tokens_per_second": "Response tokens trained per second of step time (skipped idle rows not counted)",
     "rows_trained": "Rollouts forwarded per optimizer step (rows with an all-zero advantage are skipped)",
     "optimizer_steps": "Optimizer steps in the last trainer step (0 when no rollout had a gradient)",
-    "queue_depth": "Groups waiting in the stream for the trainer",
-    "deadletter_depth": "Entries in the dead-letter stream",
+    **QUEUE_METRICS,
     "step": "Last completed trainer step",
     "policy_version": "Version of the last published policy",
     "last_step_timestamp_seconds": "Unix time of the last completed step",

@@ -289,8 +289,7 @@ class Trainer:
             }
         )
         if consumer is not None:
-            record["queue_depth"] = consumer.queue_depth()
-            record["deadletter_depth"] = consumer.deadletter_depth()
+            record.update(consumer.queue_state().as_metrics())
         self.metrics.record(record, estimate.group_keep.tolist())
         return record
 

@@ -18,7 +18,7 @@ from gd2po.redis_server import RedisProcess
 from gd2po.runlog import read_steps
 from proto import ScoredGroup, decode
 from proto.keys import RedisKeys
-from rollout_service.producer import FIELD
+from proto.stream import entry_message
 
 pytestmark = pytest.mark.e2e
 STEPS = 6
@@ -62,7 +62,7 @@ def test_a_stopped_run_resumes_where_it_left_off(tmp_path: Path, tiny_model_dir:
         client = redis.Redis.from_url(redis_server.url)
         keys = RedisKeys()
         assert client.smembers(keys.trained) == {g.encode() for g in trained}
-        groups = [decode(fields[FIELD.encode()], ScoredGroup) for _, fields in client.xrange(keys.groups)]
+        groups = [decode(entry_message(fields), ScoredGroup) for _, fields in client.xrange(keys.groups)]
     sessions = list(dict.fromkeys(g.group_id.rsplit("-", 2)[0] for g in groups))
     assert len(sessions) == 2, sessions  # one rollout process before the stop, one after
     before, after = ([g for g in groups if g.group_id.startswith(s + "-")] for s in sessions)

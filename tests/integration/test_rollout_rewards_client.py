@@ -16,9 +16,10 @@ from live_server import serve
 from proto import Completion, DeadLetter, PromptRecord, ScoredGroup, ScoreItem, decode
 from proto.config import ExperimentConfig, RetryConfig, RewardEndpoint
 from proto.keys import RedisKeys
+from proto.stream import entry_message
 from rollout_service.loop import RolloutLoop
 from rollout_service.metrics import RolloutMetrics
-from rollout_service.producer import FIELD, Producer
+from rollout_service.producer import Producer
 from rollout_service.rewards_client import RewardClient, RewardFailure
 
 pytestmark = pytest.mark.integration
@@ -132,11 +133,11 @@ def test_failed_group_is_dead_lettered_with_the_reason(redis_url: str) -> None:
         asyncio.run(loop._score_and_publish([record], [[5, 6]], [group], 3, time.time()))
     assert client.xlen(keys.groups) == 0  # no group with a fabricated score
     ((_, fields),) = client.xrange(keys.deadletter)
-    letter = decode(fields[FIELD.encode()], DeadLetter)
+    letter = decode(entry_message(fields), DeadLetter)
     assert letter.failed_rewards == ["bad"] and "failed after 4 attempts" in letter.reason
     assert letter.policy_version == 3 and len(letter.completions) == 2
     # The one DeadLetter shape (as the trainer writes), with all that is known of the group.
     assert (letter.kind, letter.source, letter.prompt_token_ids) == ("reward_failed", "rollout", [5, 6])
     assert letter.rewards == {"good": [1.0, 1.0]}  # the reward that scored, never a made-up "bad"
     assert client.sismember(keys.dead, letter.group_id) and int(client.get(keys.produced)) == 1
-    assert not [decode(f[FIELD.encode()], ScoredGroup) for _, f in client.xrange(keys.groups)]
+    assert not [decode(entry_message(f), ScoredGroup) for _, f in client.xrange(keys.groups)]

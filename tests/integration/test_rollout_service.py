@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 from proto import PolicyAnnouncement, ScoredGroup, decode, encode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
+from proto.stream import entry_message
 from proto.weights import weights_digest
 from reward_service.app import create_app
 from reward_service.scorers import build_scorer
-from rollout_service.producer import FIELD
 from rollout_service.service import RolloutService
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
 
 
 def read_groups(client: redis.Redis) -> list[ScoredGroup]:
-    return [decode(fields[FIELD.encode()], ScoredGroup) for _, fields in client.xrange(KEYS.groups)]
+    return [decode(entry_message(fields), ScoredGroup) for _, fields in client.xrange(KEYS.groups)]
 
 
 def drain(client: redis.Redis) -> list[ScoredGroup]:
@@ -57,7 +57,7 @@ def drain(client: redis.Redis) -> list[ScoredGroup]:
     groups = []
     for _, entries in client.xreadgroup(KEYS.trainer_group, "test", {KEYS.groups: ">"}) or []:
         for entry_id, fields in entries:
-            groups.append(decode(fields[FIELD.encode()], ScoredGroup))
+            groups.append(decode(entry_message(fields), ScoredGroup))
             client.xack(KEYS.groups, KEYS.trainer_group, entry_id)
     return groups
 

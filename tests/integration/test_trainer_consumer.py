@@ -15,6 +15,7 @@ import redis
 from proto import Completion, ScoredGroup, encode
 from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
+from proto.stream import entry_fields
 from trainer.batching import GroupRules
 from trainer.consumer import Counts, GroupConsumer
 
@@ -41,9 +42,9 @@ def test_stale_duplicate_and_undecodable_entries(redis_url: str) -> None:
     consumer = GroupConsumer(client, KEYS, block_ms=50)
     client.sadd(KEYS.trained, "done")
     for g in (group("old", 0), group("done", 5), group("fresh", 4)):
-        client.xadd(KEYS.groups, {"msg": encode(g)})
-    client.xadd(KEYS.groups, {"msg": b"\x93garbage"})
-    client.xadd(KEYS.groups, {"msg": encode(group("fresh2", 5))})
+        client.xadd(KEYS.groups, entry_fields(encode(g)))
+    client.xadd(KEYS.groups, entry_fields(b"\x93garbage"))
+    client.xadd(KEYS.groups, entry_fields(encode(group("fresh2", 5))))
     counts = Counts()
     pulled = consumer.pull(2, current_version=5, max_staleness=2, counts=counts)
     assert [g.group_id for g in pulled.groups] == ["fresh", "fresh2"]
@@ -62,7 +63,7 @@ def test_pending_entries_are_reclaimed_after_a_restart(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     first = GroupConsumer(client, KEYS, consumer="trainer-old", block_ms=50)
     for name in ("g1", "g2", "g3"):
-        client.xadd(KEYS.groups, {"msg": encode(group(name, 0))})
+        client.xadd(KEYS.groups, entry_fields(encode(group(name, 0))))
     taken = first.pull(2, current_version=0, max_staleness=1, counts=Counts())
     assert [g.group_id for g in taken.groups] == ["g1", "g2"]  # then the process dies without commit
 
@@ -87,14 +88,14 @@ def test_a_second_copy_of_a_group_is_skipped_acknowledged_and_counted(redis_url:
     counts = Counts()
     first = encode(group("g1", 5))
     for payload in (first, first, encode(group("g2", 5))):
-        client.xadd(KEYS.groups, {"msg": payload})
+        client.xadd(KEYS.groups, entry_fields(payload))
     step1 = consumer.pull(2, current_version=5, max_staleness=2, counts=counts)
     assert [g.group_id for g in step1.groups] == ["g1", "g2"]
     assert counts.duplicate == 1 and pending(client) == 2  # the copy is acknowledged, g1's first is not
 
     # Step 2 of the same checkpoint window: g1 and g2 are pulled, not committed.
     for payload in (encode(group("g2", 5)), first, encode(group("g3", 5))):
-        client.xadd(KEYS.groups, {"msg": payload})
+        client.xadd(KEYS.groups, entry_fields(payload))
     step2 = consumer.pull(1, current_version=5, max_staleness=2, counts=counts)
     assert [g.group_id for g in step2.groups] == ["g3"]
     assert counts.duplicate == 3 and pending(client) == 3
@@ -108,8 +109,8 @@ def test_a_second_copy_of_a_group_is_skipped_acknowledged_and_counted(redis_url:
         encode(group("old", 0)),
         encode(group("dead-by-rollout", 5)),
     ):
-        client.xadd(KEYS.groups, {"msg": payload})
-    client.xadd(KEYS.groups, {"msg": encode(group("g4", 5))})
+        client.xadd(KEYS.groups, entry_fields(payload))
+    client.xadd(KEYS.groups, entry_fields(encode(group("g4", 5))))
     step3 = consumer.pull(1, current_version=5, max_staleness=2, counts=counts)
     assert [g.group_id for g in step3.groups] == ["g4"]
     assert (counts.duplicate, counts.stale) == (6, 1)  # the second "old" is a copy, not a second drop
@@ -144,13 +145,13 @@ def test_groups_that_cannot_be_trained_are_dead_lettered_and_training_goes_on(re
     envelope = msgpack.unpackb(encode(group("nan", 5)))
     envelope["body"]["rewards"]["a"][0] = math.nan
     undecodable = {"garbage": b"\x93garbage", "nan": msgpack.packb(envelope)}
-    client.xadd(KEYS.groups, {"msg": encode(group("fresh", 5))})
+    client.xadd(KEYS.groups, entry_fields(encode(group("fresh", 5))))
     for poison in bad.values():
-        client.xadd(KEYS.groups, {"msg": encode(poison)})
+        client.xadd(KEYS.groups, entry_fields(encode(poison)))
     for payload in undecodable.values():
-        client.xadd(KEYS.groups, {"msg": payload})
+        client.xadd(KEYS.groups, entry_fields(payload))
     client.xadd(KEYS.groups, {"other": b"no message field"})
-    client.xadd(KEYS.groups, {"msg": encode(group("fresh2", 5))})
+    client.xadd(KEYS.groups, entry_fields(encode(group("fresh2", 5))))
 
     counts = Counts()
     pulled = consumer.pull(2, current_version=5, max_staleness=2, counts=counts)
@@ -180,9 +181,9 @@ def test_groups_that_cannot_be_trained_are_dead_lettered_and_training_goes_on(re
     assert {m.decode() for m in client.smembers(KEYS.dead)} == {*bad, "nan"}
 
     # A restarted consumer has nothing to reclaim but the two groups, and copies are duplicates.
-    client.xadd(KEYS.groups, {"msg": encode(bad["no-a"])})
-    client.xadd(KEYS.groups, {"msg": undecodable["nan"]})
-    client.xadd(KEYS.groups, {"msg": encode(group("fresh3", 5))})
+    client.xadd(KEYS.groups, entry_fields(encode(bad["no-a"])))
+    client.xadd(KEYS.groups, entry_fields(undecodable["nan"]))
+    client.xadd(KEYS.groups, entry_fields(encode(group("fresh3", 5))))
     restarted = GroupConsumer(client, KEYS, block_ms=50, rules=RULES)
     again = restarted.pull(3, current_version=5, max_staleness=2, counts=counts)
     assert [g.group_id for g in again.groups] == ["fresh", "fresh2", "fresh3"]
@@ -196,8 +197,8 @@ def test_every_producer_writes_one_dead_letter_shape(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.xadd(KEYS.deadletter, {b"raw": b"\x93old", b"reason": b"not a msgpack message"})
     consumer = GroupConsumer(client, KEYS, block_ms=50, rules=RULES)
-    client.xadd(KEYS.groups, {"msg": b"\xc1"})
-    client.xadd(KEYS.groups, {"msg": encode(group("ok", 0))})
+    client.xadd(KEYS.groups, entry_fields(b"\xc1"))
+    client.xadd(KEYS.groups, entry_fields(encode(group("ok", 0))))
     consumer.pull(1, current_version=0, max_staleness=2, counts=Counts())
     entries = client.xrange(KEYS.deadletter)
     assert [set(fields) for _, fields in entries[1:]] == [{b"msg"}]

@@ -21,6 +21,7 @@ from trainer_data import generate_groups, push
 from proto import Completion
 from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
+from proto.stream import entry_fields
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +89,7 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
     # copy of g0 (pulled in step 1, not yet committed: same checkpoint window) and trains g2, g3; step 3
     # meets two groups it cannot train and undecodable bytes, trains g4 and skips g4's second copy.
     push(redis_url, [*groups[:2], groups[0], *groups[2:4], no_b, vocab])
-    client.xadd(KEYS.groups, {"msg": b"\x93garbage"})
+    client.xadd(KEYS.groups, entry_fields(b"\x93garbage"))
     push(redis_url, [groups[4], groups[4], groups[5]])
 
     first = start_trainer(config)

@@ -17,6 +17,7 @@ from proto import Completion, PolicyAnnouncement, encode
 from proto.config import ExperimentConfig
 from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
+from proto.stream import entry_fields
 from trainer.service import Trainer
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,7 @@ def test_copies_and_groups_it_cannot_train_neither_train_twice_nor_stop_training
     )
     client = redis.Redis.from_url(redis_url)
     push(redis_url, [good[0], good[0], no_b, vocab, good[1]])  # step 1: good[0], good[1]
-    client.xadd(KEYS.groups, {"msg": b"\x93garbage"})
+    client.xadd(KEYS.groups, entry_fields(b"\x93garbage"))
     push(redis_url, [good[1], good[2], good[0], good[3]])  # step 2: good[2], good[3]
     trainer = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, total_steps=2, checkpoint={"every": 2}))
 

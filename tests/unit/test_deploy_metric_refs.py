@@ -87,7 +87,7 @@ def test_dashboard_is_the_gd2po_training_dashboard() -> None:
         "tokens/s",
         "step time split",
         "staleness",
-        "queue depth",
+        "queue state",
         "reward request latency",
         "reward errors",
         "retries",
