@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gd2po-installed
 
+# The environment of gd2po.environment.process_environment (offline models, tokenizer threads, KV cache,
+# DeepSpeed ops), repeated for make's own recipes (pip, `make ops`) that run before gd2po can be imported.
+# Processes gd2po starts get it from gd2po/environment.py, the one definition.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -48,9 +51,10 @@ schemas: venv  ## generated files a test keeps current: the wire JSON schemas an
 	$(PY) -m proto.jsonschema
 	$(PY) -m gd2po.config_reference
 
-lint: venv
+lint: venv  ## ruff, and the import boundaries of CONTRIBUTING.md ([tool.importlinter] in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -8,16 +8,21 @@ over the same [N, T] tensor, and ≥ 10× faster than the straightforward per-gr
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from bench._common import cpu_model
-from bench._reference_loop import reference_advantages
 from trainer.algorithms import ESTIMATORS, compute_advantages, masked_whiten
+
+# The per-group loop is the tests' oracle and lives with them (tests/ is no package): timed here too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_loop import reference_advantages
 
 PROMPTS, ROLLOUTS, REWARDS, MAX_TOKENS = 2048, 4, 3, 1024
 FAST_REPEATS, LOOP_REPEATS = 9, 3

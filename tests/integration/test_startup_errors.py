@@ -7,7 +7,6 @@ Real processes (``python -m ...``), a real Redis where one is needed, a closed p
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -38,13 +37,12 @@ def write_config(tmp_path: Path, **sections) -> Path:
 
 
 def run(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The child inherits the offline environment conftest.py set from gd2po.environment.
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
         cwd=REPO,
     )
 
@@ -129,7 +127,6 @@ def test_serve_only_rollout_serves_the_model_without_redis(tmp_path: Path, tiny_
         model={"path": str(tiny_model_dir), "max_prompt_tokens": 256, "max_response_tokens": 8},
     )
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -144,7 +141,6 @@ def test_serve_only_rollout_serves_the_model_without_redis(tmp_path: Path, tiny_
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
         cwd=REPO,
     )
     url = f"http://127.0.0.1:{port}"

@@ -5,8 +5,8 @@ import math
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference_loop import reference_advantages
 
-from bench._reference_loop import reference_advantages
 from trainer.algorithms import compute_advantages
 
 FAST = settings(max_examples=60, deadline=None)

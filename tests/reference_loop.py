@@ -2,7 +2,7 @@
 
 Readable first: a dict of groups, one loop over them per reward, float64 throughout and token-level
 whitening on the full [N, T] tensor. The unit tests cross-check `trainer.algorithms.compute_advantages`
-against it and `bench/advantages.py` times it.
+against it (so it lives with the tests) and `bench/advantages.py` times it.
 """
 
 from collections import defaultdict
