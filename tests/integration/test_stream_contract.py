@@ -8,10 +8,11 @@ import time
 
 import pytest
 import redis
+from trainer_data import tiny_group
 
 from gd2po.ports import free_port
 from gd2po.progress import RunReader
-from proto import Completion, DeadLetter, ScoredGroup, decode, encode
+from proto import DeadLetter, ScoredGroup, decode, encode
 from proto import stream as stream_contract
 from proto.deadletter import read_dead_letters
 from proto.keys import RedisKeys
@@ -21,20 +22,6 @@ from trainer.consumer import Counts, GroupConsumer
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys("contract")
-
-
-def group(group_id: str) -> ScoredGroup:
-    completion = Completion(token_ids=[1], logprobs=[-0.1], text="a", finish_reason="stop")
-    return ScoredGroup(
-        group_id=group_id,
-        prompt_id="p",
-        prompt_token_ids=[5],
-        completions=[completion, completion],
-        rewards={"a": [0.0, 1.0]},
-        policy_version=0,
-        created_at=time.time(),
-        scored_at=time.time(),
-    )
 
 
 def letter(group_id: str) -> DeadLetter:
@@ -51,7 +38,7 @@ def letter(group_id: str) -> DeadLetter:
 def test_what_the_producer_writes_the_consumer_reads(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     producer = Producer(client, KEYS)
-    producer.publish([group("g0"), group("g1")])
+    producer.publish([tiny_group("g0"), tiny_group("g1")])
     producer.dead_letter([letter("g2")])
     # Raw entries carry exactly the one message field, read back (bytes field names) by entry_message.
     entries = client.xrange(KEYS.groups)
@@ -70,7 +57,7 @@ def test_entry_message_reads_str_and_bytes_field_names() -> None:
 
 def test_consumer_group_creation_is_idempotent_and_keeps_the_position(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    client.xadd(KEYS.groups, entry_fields(encode(group("before"))))  # written before any group exists
+    client.xadd(KEYS.groups, entry_fields(encode(tiny_group("before"))))  # written before any group exists
     ensure_consumer_group(client, KEYS)
     client.xreadgroup(KEYS.trainer_group, "c", {KEYS.groups: ">"}, count=1)
     ensure_consumer_group(client, KEYS)  # the other side comes second: nothing is reset
@@ -86,7 +73,7 @@ def test_queue_state_lag_pending_and_dead_letters(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     assert queue_state(client, KEYS) == QueueState(lag=0, pending=0, dead_letters=0)  # nothing yet
     for index in range(5):
-        client.xadd(KEYS.groups, entry_fields(encode(group(f"g{index}"))))
+        client.xadd(KEYS.groups, entry_fields(encode(tiny_group(f"g{index}"))))
     # No consumer group yet: it will be created from the stream's start, so every entry is lag.
     assert queue_state(client, KEYS) == QueueState(lag=5, pending=0, dead_letters=0)
     producer = Producer(client, KEYS)
@@ -102,7 +89,7 @@ def test_queue_state_lag_pending_and_dead_letters(redis_url: str) -> None:
 def test_lag_is_counted_when_redis_reports_nil(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     client = redis.Redis.from_url(redis_url)
     producer = Producer(client, KEYS)
-    producer.publish([group(f"g{index}") for index in range(9)])
+    producer.publish([tiny_group(f"g{index}") for index in range(9)])
     consumer = GroupConsumer(client, KEYS, block_ms=50)
     consumer.pull(2, 0, 0, Counts())
     undelivered = [entry_id for entry_id, _ in client.xrange(KEYS.groups)][2:]
@@ -117,7 +104,7 @@ def test_lag_is_counted_when_redis_reports_nil(redis_url: str, monkeypatch: pyte
 def test_the_live_view_reads_the_same_queue_state(redis_url: str, tmp_path) -> None:
     client = redis.Redis.from_url(redis_url)
     producer = Producer(client, KEYS)
-    producer.publish([group("g0"), group("g1"), group("g2")])
+    producer.publish([tiny_group("g0"), tiny_group("g1"), tiny_group("g2")])
     GroupConsumer(client, KEYS, block_ms=50).pull(1, 0, 0, Counts())
     producer.dead_letter([letter("d0")])
     with RunReader(

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 import math
-import time
 
 import msgpack
 import pytest
 import redis
+from trainer_data import tiny_group
 
 from proto import Completion, ScoredGroup, encode
 from proto.deadletter import raw_bytes, read_dead_letters
@@ -23,18 +23,7 @@ pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
 
 
-def group(group_id: str, version: int) -> ScoredGroup:
-    completion = Completion(token_ids=[1, 2], logprobs=[-0.1, -0.2], text="ab", finish_reason="stop")
-    return ScoredGroup(
-        group_id=group_id,
-        prompt_id="p",
-        prompt_token_ids=[5],
-        completions=[completion, completion],
-        rewards={"a": [0.0, 1.0]},
-        policy_version=version,
-        created_at=time.time(),
-        scored_at=time.time(),
-    )
+group = tiny_group
 
 
 def test_stale_duplicate_and_undecodable_entries(redis_url: str) -> None:
