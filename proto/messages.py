@@ -45,13 +45,17 @@ class PromptRecord(_WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+FinishReason = Literal["stop", "length", "abort"]
+"""Why generation of a response ended: a stop token or string, the token limit, or aborted."""
+
+
 class Completion(_WireModel):
     """One sampled response: what the trainer needs to recompute and compare log-probs."""
 
     token_ids: list[int] = Field(description="Sampled response token ids (no prompt).")
     logprobs: list[float] = Field(description="Log-prob of each sampled token under the behaviour policy.")
     text: str
-    finish_reason: Literal["stop", "length", "abort"]
+    finish_reason: FinishReason
 
     @field_validator("token_ids")
     @classmethod

@@ -3,7 +3,11 @@
 (:func:`harden`): JSON bodies only (415), UTF-8 only (400), no non-finite number anywhere (422), a body
 size limit (413), and a 422 answer that cannot itself fail.
 
-Kept here, beside the wire contracts, so the three services expose these routes identically.
+Kept here, beside the wire contracts, so the three services expose these routes identically. The
+FastAPI pieces a service assembles: :data:`ops_router` (the three routes, reading :class:`OpsProbes`
+from ``app.state.ops``; :func:`add_ops_routes` sets both), the async dependencies :func:`bearer_auth`
+and :func:`require_token` (the token is ``app.state.auth_token``, :func:`set_auth_token`), and
+:class:`JSONRoute` for routers whose routes take JSON bodies.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import math
 import re
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
-from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -53,39 +58,63 @@ BODY_ERRORS.update(
 )
 
 
-def bearer_auth(token: str | None) -> Callable[..., None]:
-    """A FastAPI dependency that demands ``Authorization: Bearer <token>`` when a token is set."""
-
-    def check(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        if token is None:
-            return
-        # Bytes, not str: compare_digest raises on non-ASCII str. Starlette decodes headers as latin-1,
-        # so encoding back gives the bytes sent; the token is compared as UTF-8.
-        if credentials is None or not secrets.compare_digest(
-            credentials.credentials.encode("latin-1"), token.encode()
-        ):
-            raise HTTPException(
-                status_code=status.HTTP_401_UNAUTHORIZED,
-                detail="missing or invalid bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
+def set_auth_token(app: FastAPI, token: str | None) -> None:
+    """Give ``app`` the bearer token that :func:`bearer_auth` and :func:`require_token` check (None: no
+    auth). Every app that uses them must call this: a route reached without it answers 500 rather than
+    being silently open."""
+    app.state.auth_token = token
 
 
-def require_token(token: str | None) -> Callable[..., None]:
-    """Like :func:`bearer_auth` but for control routes: refuse outright when no token is configured."""
-    inner = bearer_auth(token)
+def _check_token(token: str, credentials: HTTPAuthorizationCredentials | None) -> None:
+    # Bytes, not str: compare_digest raises on non-ASCII str. Starlette decodes headers as latin-1, so
+    # encoding back gives the bytes sent; the token is compared as UTF-8.
+    if credentials is None or not secrets.compare_digest(
+        credentials.credentials.encode("latin-1"), token.encode()
+    ):
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
-    def check(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        if token is None:
-            raise HTTPException(
-                status_code=status.HTTP_403_FORBIDDEN,
-                detail="control routes are disabled: set GD2PO_AUTH__TOKEN to enable them",
-            )
-        inner(credentials)
 
-    return check
+async def bearer_auth(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """Dependency: demand ``Authorization: Bearer <token>`` when the app has a token
+    (:func:`set_auth_token`); 401 otherwise. Async, so FastAPI runs it on the event loop instead of
+    hopping to a worker thread per request."""
+    token = request.app.state.auth_token
+    if token is not None:
+        _check_token(token, credentials)
+
+
+async def require_token(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """Dependency for control routes: like :func:`bearer_auth`, but 403 when the app has no token (a
+    control route is never open)."""
+    token = request.app.state.auth_token
+    if token is None:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail="control routes are disabled: set GD2PO_AUTH__TOKEN to enable them",
+        )
+    _check_token(token, credentials)
+
+
+@dataclass(frozen=True)
+class OpsProbes:
+    """What the ops routes ask the service: alive and not failed, ready to do its job, and the metric
+    registry to expose. Kept in ``app.state.ops`` (:func:`add_ops_routes`)."""
+
+    is_ready: Callable[[], bool]
+    is_alive: Callable[[], bool] = lambda: True
+    registry: CollectorRegistry = REGISTRY
+
+
+def _probes(request: Request) -> OpsProbes:
+    return request.app.state.ops
 
 
 def add_ops_routes(
@@ -96,32 +125,8 @@ def add_ops_routes(
     registry: CollectorRegistry = REGISTRY,
 ) -> None:
     """Register /healthz (process alive and not failed), /readyz (can do its job) and /metrics."""
-
-    @app.get(
-        "/healthz",
-        response_model=Health,
-        responses={503: {"model": ErrorBody, "description": "a fatal error occurred"}},
-        tags=["ops"],
-    )
-    def healthz() -> Health:
-        if not is_alive():
-            raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail="failed")
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        responses={503: {"model": ErrorBody, "description": "not ready yet"}},
-        tags=["ops"],
-    )
-    def readyz() -> Health:
-        if not is_ready():
-            raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail="not ready")
-        return Health(status="ready")
-
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    app.state.ops = OpsProbes(is_ready=is_ready, is_alive=is_alive, registry=registry)
+    app.include_router(ops_router)
 
 
 # A JSON number can only overflow a float to ±inf with a 3-digit exponent or 309+ digits; only then is
@@ -186,6 +191,41 @@ class JSONRoute(APIRoute):
             return await handler(request)
 
         return route
+
+
+ops_router = APIRouter(route_class=JSONRoute, tags=["ops"])
+"""/healthz, /readyz and /metrics of every service; they read :class:`OpsProbes` from ``app.state.ops``."""
+
+
+@ops_router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": ErrorBody, "description": "a fatal error occurred"}},
+)
+async def healthz(probes: OpsProbes = Depends(_probes)) -> Health:
+    return _health(probes.is_alive(), "ok", "failed")
+
+
+@ops_router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": ErrorBody, "description": "not ready yet"}},
+)
+async def readyz(probes: OpsProbes = Depends(_probes)) -> Health:
+    return _health(probes.is_ready(), "ready", "not ready")
+
+
+def _health(good: bool, status_text: str, failure: str) -> Health:
+    """``status_text`` when ``good``, else 503 with ``failure``."""
+    if not good:
+        raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=failure)
+    return Health(status=status_text)
+
+
+@ops_router.get("/metrics", response_class=Response)
+def metrics(probes: OpsProbes = Depends(_probes)) -> Response:
+    # Sync, so a large exposition is rendered in a worker thread, not on the event loop.
+    return Response(generate_latest(probes.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,5 +1,7 @@
-"""FastAPI app factory: one scorer behind ``/v1/score``, ``/v1/info``, the OpenRLHF route and the ops
-routes. Failures stay per item (``status=error``, ``score=null``); oversize → 413, busy → 429."""
+"""The reward service's FastAPI app: one scorer behind ``/v1/score``, ``/v1/info`` and the OpenRLHF route
+(:data:`router`), with the ops routes, bearer auth and hostile-input answers of :mod:`proto.ops`. What
+the routes share (scorer, limits, readiness) is a :class:`RewardState` in ``app.state.reward``.
+Failures stay per item (``status=error``, ``score=null``); oversize → 413, busy → 429."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from proto import (
     OpenRLHFRequest,
@@ -24,14 +26,13 @@ from proto import (
     ScoreResponse,
     ScoreResult,
 )
-from proto.ops import BODY_ERRORS, ErrorBody, add_ops_routes, bearer_auth, harden
+from proto.ops import BODY_ERRORS, ErrorBody, JSONRoute, add_ops_routes, bearer_auth, harden, set_auth_token
 from reward_service.chat_text import openrlhf_items
 from reward_service.metrics import RewardMetrics
 from reward_service.scorers import Scorer
-from reward_service.scorers.base import InvalidLabel, ItemScore
+from reward_service.scorers.base import InvalidLabel
 from reward_service.settings import ServiceSettings
 
-_bearer = HTTPBearer(auto_error=False)
 log = logging.getLogger("reward_service")
 
 ERRORS = {
@@ -70,6 +71,131 @@ def _result(item_id: str, value: float | Exception) -> ScoreResult:
     return ScoreResult(id=item_id, score=float(value), status="ok")
 
 
+@dataclass
+class RewardState:
+    """What the routes of one reward app share, kept in ``app.state.reward``."""
+
+    scorer: Scorer
+    info: RewardInfo
+    settings: ServiceSettings
+    metrics: RewardMetrics
+    busy: _Busy
+    on_fatal: Callable[[], None] | None = None
+    ready: bool = False
+    failed: bool = False
+
+
+def reward_state(request: Request) -> RewardState:
+    return request.app.state.reward
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Load the scorer off the event loop; ``/readyz`` turns 200 once it is loaded."""
+    state: RewardState = app.state.reward
+    try:
+        await run_in_threadpool(state.scorer.load)
+    except (OSError, ValueError) as exc:  # a missing or unusable dependency, not a bug
+        log.error("reward %r cannot start: %s", state.info.name, exc)
+        state.failed = True
+        if state.on_fatal is not None:
+            state.on_fatal()
+    else:
+        state.ready = True
+    yield
+    state.ready = False
+
+
+async def _score(state: RewardState, items: list[ScoreItem], route: str) -> tuple[list[ScoreResult], list]:
+    """Score ``items`` with the admission limits; returns the results and the scorer's raw values
+    (a float or an exception per item). Raises 503 while loading, 413 over ``max_batch_items``, 429
+    when busy."""
+    info, metrics, settings = state.info, state.metrics, state.settings
+    if not state.ready:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="scorer is still loading")
+    if len(items) > settings.max_batch_items:
+        metrics.rejected.labels(info.name, "batch_too_large").inc()
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"items: {len(items)} items exceed the limit of {settings.max_batch_items}",
+        )
+    with state.busy:
+        metrics.inflight.labels(info.name).inc()
+        started = time.perf_counter()
+        try:
+            # Always off the event loop, so /healthz and /readyz answer while a batch is scored: even a
+            # pure-Python scorer can spend seconds on one hostile batch (the GIL is released to the loop
+            # every switch interval).
+            values = await run_in_threadpool(state.scorer.score, items)
+        finally:
+            metrics.inflight.labels(info.name).dec()
+        metrics.latency.labels(info.name, route).observe(time.perf_counter() - started)
+    metrics.batch_size.labels(info.name).observe(len(items))
+    results = [_result(item.id, value) for item, value in zip(items, values, strict=True)]
+    errors = Counter(
+        type(value).__name__ if isinstance(value, Exception) else "NonFiniteScore"
+        for result, value in zip(results, values, strict=True)
+        if result.status == "error"
+    )
+    # One update per label set and request, not per item: label lookups cost more than scoring.
+    metrics.items.labels(info.name, "ok").inc(len(results) - errors.total())
+    if errors:
+        metrics.items.labels(info.name, "error").inc(errors.total())
+    for kind, count in errors.items():
+        metrics.errors.labels(info.name, kind).inc(count)
+    return results, values
+
+
+router = APIRouter(route_class=JSONRoute, tags=["reward"])
+"""The reward API: /v1/info, /v1/score and the OpenRLHF route."""
+
+
+@router.get("/v1/info", response_model=RewardInfo)
+async def get_info(state: RewardState = Depends(reward_state)) -> RewardInfo:
+    return state.info
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses=ERRORS,
+    dependencies=[Depends(bearer_auth)],
+)
+async def score(request: ScoreRequest, state: RewardState = Depends(reward_state)) -> ScoreResponse:
+    """Score a batch; each item gets a finite score (status ok) or an error (score null)."""
+    results, _ = await _score(state, request.items, "/v1/score")
+    return ScoreResponse(reward=state.info.name, version=state.info.version, results=results)
+
+
+@router.post(
+    "/v1/openrlhf",
+    response_model=OpenRLHFResponse,
+    responses={**ERRORS, 503: {"model": ErrorBody, "description": "scorer not loaded, or some items failed"}},
+    dependencies=[Depends(bearer_auth)],
+)
+async def openrlhf(request: OpenRLHFRequest, state: RewardState = Depends(reward_state)) -> OpenRLHFResponse:
+    """OpenRLHF remote-RM shape. ``query`` is prompt+response; only the response is scored (padding,
+    prompt and chat markers removed, :func:`reward_service.chat_text.openrlhf_response`), so it scores
+    as ``/v1/score`` scores the bare response. A failed item fails the call (no fake 0): 422 naming the
+    field if the item was unscorable as sent (prompt not found, bad label), else 503."""
+    items = openrlhf_items(request)
+    results, values = await _score(state, items, "/v1/openrlhf")
+    invalid = [
+        {"type": "value_error", "loc": ["body", "labels", index], "msg": str(value), "input": None}
+        for index, value in enumerate(values)
+        if isinstance(value, InvalidLabel)
+    ]
+    if invalid:
+        raise RequestValidationError(invalid)
+    failed = [r for r in results if r.status == "error"]
+    if failed:
+        summary = "; ".join(f"query[{r.id}]: {r.error}" for r in failed[:5])
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"{len(failed)} item(s) failed: {summary}"
+        )
+    return OpenRLHFResponse(rewards=[r.score for r in results])
+
+
 def create_app(
     scorer: Scorer,
     settings: ServiceSettings | None = None,
@@ -91,24 +217,16 @@ def create_app(
     if name:
         info = info.model_copy(update={"name": name})
     metrics = RewardMetrics(info.name)
-    busy = _Busy(settings.max_concurrent_requests)
-    state = {"ready": False, "failed": False}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        try:
-            await run_in_threadpool(scorer.load)
-        except (OSError, ValueError) as exc:  # a missing or unusable dependency, not a bug
-            log.error("reward %r cannot start: %s", info.name, exc)
-            state["failed"] = True
-            if on_fatal is not None:
-                on_fatal()
-        else:
-            state["ready"] = True
-        yield
-        state["ready"] = False
-
-    app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=lifespan)
+    state = RewardState(
+        scorer=scorer,
+        info=info,
+        settings=settings,
+        metrics=metrics,
+        busy=_Busy(settings.max_concurrent_requests),
+        on_fatal=on_fatal,
+    )
+    app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=_lifespan)
+    app.state.reward = state
     counted = {"/v1/score", "/v1/openrlhf", "/v1/info"}
     harden(
         app,
@@ -118,103 +236,9 @@ def create_app(
             metrics.requests.labels(info.name, path, str(code)).inc() if path in counted else None
         ),
     )
+    set_auth_token(app, token)
     add_ops_routes(
-        app,
-        is_ready=lambda: state["ready"],
-        is_alive=lambda: not state["failed"],
-        registry=metrics.registry,
+        app, is_ready=lambda: state.ready, is_alive=lambda: not state.failed, registry=metrics.registry
     )
-    check_token = bearer_auth(token)
-
-    async def auth(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        check_token(credentials)  # async, so FastAPI does not hop to a worker thread per request
-
-    async def run(items: list[ScoreItem], route: str) -> tuple[list[ScoreResult], list[ItemScore]]:
-        if not state["ready"]:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="scorer is still loading")
-        if len(items) > settings.max_batch_items:
-            metrics.rejected.labels(info.name, "batch_too_large").inc()
-            raise HTTPException(
-                status.HTTP_413_CONTENT_TOO_LARGE,
-                detail=f"items: {len(items)} items exceed the limit of {settings.max_batch_items}",
-            )
-        with busy:
-            metrics.inflight.labels(info.name).inc()
-            started = time.perf_counter()
-            try:
-                # Always off the event loop, so /healthz and /readyz answer while a batch is scored: even
-                # a pure-Python scorer can spend seconds on one hostile batch (the GIL is released to
-                # the loop every switch interval).
-                values = await run_in_threadpool(scorer.score, items)
-            finally:
-                metrics.inflight.labels(info.name).dec()
-            metrics.latency.labels(info.name, route).observe(time.perf_counter() - started)
-        metrics.batch_size.labels(info.name).observe(len(items))
-        results = [_result(item.id, value) for item, value in zip(items, values, strict=True)]
-        errors = Counter(
-            type(value).__name__ if isinstance(value, Exception) else "NonFiniteScore"
-            for result, value in zip(results, values, strict=True)
-            if result.status == "error"
-        )
-        # One update per label set and request, not per item: label lookups cost more than scoring.
-        metrics.items.labels(info.name, "ok").inc(len(results) - errors.total())
-        if errors:
-            metrics.items.labels(info.name, "error").inc(errors.total())
-        for kind, count in errors.items():
-            metrics.errors.labels(info.name, kind).inc(count)
-        return results, values
-
-    @app.get("/v1/info", response_model=RewardInfo, tags=["reward"])
-    async def get_info() -> RewardInfo:
-        return info
-
-    @app.post(
-        "/v1/score",
-        response_model=ScoreResponse,
-        responses={k: v for k, v in ERRORS.items()},
-        dependencies=[Depends(auth)],
-        tags=["reward"],
-    )
-    async def score(request: ScoreRequest) -> ScoreResponse:
-        """Score a batch; each item gets a finite score (status ok) or an error (score null)."""
-        results, _ = await run(request.items, "/v1/score")
-        return ScoreResponse(reward=info.name, version=info.version, results=results)
-
-    @app.post(
-        "/v1/openrlhf",
-        response_model=OpenRLHFResponse,
-        responses={
-            **ERRORS,
-            503: {"model": ErrorBody, "description": "scorer not loaded, or some items failed"},
-        },
-        dependencies=[Depends(auth)],
-        tags=["reward"],
-    )
-    async def openrlhf(request: OpenRLHFRequest) -> OpenRLHFResponse:
-        """OpenRLHF remote-RM shape. ``query`` is prompt+response; only the response is scored (padding,
-        prompt and chat markers removed, :func:`reward_service.chat_text.openrlhf_response`), so it
-        scores as ``/v1/score`` scores the bare response. A failed item fails the call (no fake 0):
-        422 naming the field if the item was unscorable as sent (prompt not found, bad label), else 503."""
-        items = openrlhf_items(request)
-        results, values = await run(items, "/v1/openrlhf")
-        invalid = [
-            {
-                "type": "value_error",
-                "loc": ["body", "labels", index],
-                "msg": str(value),
-                "input": None,
-            }
-            for index, value in enumerate(values)
-            if isinstance(value, InvalidLabel)
-        ]
-        if invalid:
-            raise RequestValidationError(invalid)
-        failed = [r for r in results if r.status == "error"]
-        if failed:
-            summary = "; ".join(f"query[{r.id}]: {r.error}" for r in failed[:5])
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"{len(failed)} item(s) failed: {summary}"
-            )
-        return OpenRLHFResponse(rewards=[r.score for r in results])
-
+    app.include_router(router)
     return app

@@ -48,8 +48,7 @@ class RolloutService:
         token = config.auth.token.get_secret_value() if config.auth.token else None
         self.token = token
         self.app: FastAPI = create_api(
-            engine=lambda: self.engine,
-            policy=lambda: self.policy,
+            self,  # the routes read self.engine and self.policy, None until _start loads them
             metrics=self.metrics,
             token=token,
             is_ready=lambda: self.ready and self.failure is None,

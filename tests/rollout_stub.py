@@ -5,6 +5,7 @@ engine per test would cost seconds. Everything else about the rollout is tested 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from fastapi import FastAPI
 
@@ -44,8 +45,7 @@ def stub_rollout_app(*, token: str | None, weights_root: Path, max_body: int | N
     follower = PolicyFollower(engine, None, RedisKeys(), metrics)
     limits = {} if max_body is None else {"max_body": max_body}
     return create_api(
-        engine=lambda: engine,
-        policy=lambda: follower,
+        SimpleNamespace(engine=engine, policy=follower),
         metrics=metrics,
         token=token,
         is_ready=lambda: True,

@@ -174,6 +174,7 @@ def test_reload_refuses_impossible_versions_and_folders_outside_the_weights_root
     assert_422_naming(call(path=step, version=10**30), "version")
     assert_422_naming(call(path=str(tmp_path)), "path")
     assert_422_naming(call(path=str(weights_root / ".." / ".." / "elsewhere")), "path")
+    assert_422_naming(call(path=step + "\x00"), "path")  # resolving it would raise: no 500
     first = call(path=step)
     assert first.status_code == 200 and first.json()["version"] >= 1
     current = first.json()["version"]
