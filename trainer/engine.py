@@ -86,8 +86,8 @@ def autocast_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
     Mixed precision the way Hugging Face's ``bf16=True`` means it: fp32 weights, optimizer state and
     gradients, with the forward's matmuls in bf16 under ``torch.autocast`` — DeepSpeed applies it inside
     its own forward (an autocast opened around the engine is switched off there). On a CPU with bf16
-    dot-product instructions it roughly halves a forward+backward (bench/RESULTS.md, "Trainer mixed
-    precision"); log-probs then differ from an fp32 sampler's by bf16 rounding (docs/operations.md)."""
+    dot-product instructions a demo group's forward+backward+step is ~1.4× faster with eager attention
+    (bench/RESULTS.md, "Trainer mixed precision"); log-probs then differ from an fp32 sampler's by bf16 rounding (docs/operations.md)."""
     section = ds_config.get("torch_autocast") or {}
     if not section.get("enabled", False):
         return None
@@ -226,14 +226,16 @@ class ReferencePolicy:
         self.model = model.to(device).eval().requires_grad_(False)
         self.temperature = temperature
         self.autocast = autocast
+        self.device_type = device.type
 
     @torch.no_grad()
     def token_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
         """The reference's log-probs at the same sampling temperature as the policy's, [n, L−1]."""
-        device = next(self.model.parameters()).device.type
-        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with torch.autocast(
+            self.device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        ):
             return response_logprobs(
                 self.model, input_ids, attention_mask, response_mask, temperature=self.temperature
             )
