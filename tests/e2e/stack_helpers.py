@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,22 @@ def start_gd2po_up(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """Wait up to ``timeout`` seconds for a ``gd2po up`` to end and return its output. On timeout the run
+    is stopped (SIGINT: it stops its services, as on Ctrl-C; SIGKILL if that takes over a minute) and the
+    test fails with the output's tail, so a hung run never outlives its test."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            output = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        raise AssertionError(f"gd2po up did not finish within {timeout:.0f} s:\n{output[-4000:]}") from None
 
 
 def wait_for_manifest(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from stack_helpers import start_gd2po_up, toy_learning_config
+from stack_helpers import finish, start_gd2po_up, toy_learning_config
 
 from gd2po.learning import normalised_total, quarter_rise
 from gd2po.models import build_toy_policy
@@ -38,7 +38,7 @@ def run_learning_task(tmp_path: Path, model_dir: Path, redis_url: str, *, publis
     config = toy_learning_config(tmp_path, model_dir, steps=STEPS, publish_every=publish_every)
     run_dir = tmp_path / "run"
     process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
-    output = process.communicate(timeout=RUN_TIMEOUT_S)[0]
+    output = finish(process, RUN_TIMEOUT_S)
     assert process.returncode == 0, output[-4000:]
     steps = read_steps(run_dir)
     assert [int(s["step"]) for s in steps] == list(range(1, STEPS + 1))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from stack_helpers import start_gd2po_up, steps_logged, tiny_stack_config
+from stack_helpers import finish, start_gd2po_up, steps_logged, tiny_stack_config
 
 from gd2po.redis_server import RedisProcess
 from gd2po.runlog import read_steps
@@ -49,7 +49,7 @@ def test_a_stopped_run_resumes_where_it_left_off(tmp_path: Path, tiny_model_dir:
     assert stopped_at < STEPS
 
     second = start_gd2po_up(config_path, run_dir, {}, extra=("--resume",))
-    output = second.communicate(timeout=600)[0]
+    output = finish(second, 600)
     assert second.returncode == 0, output
 
     steps = read_steps(run_dir)
