@@ -23,8 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench._common import ENV, REPO, gd2po_up_command, load, machine, utc_now, versions, write_section
-from gd2po.learning import normalised_total, quarter_rise
-from gd2po.report import moving_average
+from gd2po.learning import moving_average, normalised_total, quarter_rise
 from gd2po.runlog import read_steps, reward_names, reward_ranges
 
 DEMO = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"

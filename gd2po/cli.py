@@ -1,4 +1,5 @@
-"""The ``gd2po`` command: run the local stack, prepare the offline model, report on a run."""
+"""The ``gd2po`` command: run the local stack or a sweep of it, prepare the offline model, report on and
+compare runs."""
 
 from __future__ import annotations
 
@@ -72,14 +73,67 @@ def report(run_dir: Path = typer.Argument(..., exists=True, file_okay=False)) ->
 def compare(
     run_dirs: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="Two or more run folders."),
     out: Path = typer.Option(Path("runs/comparison"), file_okay=False, help="Where comparison.png/.txt go."),
+    band: str = typer.Option(
+        "minmax", help="Band across the seeds of an arm: minmax (their range) or sd (mean ± 1 sample sd)."
+    ),
 ) -> None:
-    """Overlay runs (e.g. the GRPO, GDPO and GD²PO configs): per-reward means and filter ratios vs step."""
+    """Overlay runs (e.g. the GRPO, GDPO and GD²PO configs): per-reward means and filter ratios vs step.
+    Runs whose configs differ only in their seed are one arm: its mean curve with a band across seeds."""
     from gd2po.compare import write_comparison
 
     if len(run_dirs) < 2:
         raise typer.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
-    for path in write_comparison(run_dirs, out):
+    if band not in ("minmax", "sd"):
+        raise typer.BadParameter(f"{band!r}: use minmax or sd", param_hint="--band")
+    for path in write_comparison(run_dirs, out, band=band):  # type: ignore[arg-type]
         typer.echo(path)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML (configs/…)."),
+    seeds: int = typer.Option(3, min=1, help="Seeds 0..N-1 per arm (run.seed)."),
+    vary: list[str] = typer.Option(
+        [],
+        help="KEY=A,B,... (dotted config key, values read as YAML); repeat for a cross product, e.g. "
+        "--vary trainer.advantage.estimator=grpo,gdpo,gd2po_snr --vary trainer.lr=1e-6,2e-6.",
+    ),
+    out: Path | None = typer.Option(
+        None, file_okay=False, help="Sweep folder (default runs/sweep-<name>-<timestamp>); rerun to resume."
+    ),
+    band: str = typer.Option("minmax", help="Band across seeds in the comparison: minmax or sd."),
+    progress: bool = typer.Option(True, help="Show each run's live progress view and summary."),
+) -> None:
+    """Run CONFIG for every combination of the --vary values × every seed, one run folder each (each a
+    `gd2po up`), one after the other; then `gd2po compare` over them, with bands across seeds."""
+    import time
+
+    from gd2po.stack import StackError
+    from gd2po.sweep import SweepError, grid, parse_vary, run_sweep
+    from proto.config import ConfigError, load_config
+
+    if band not in ("minmax", "sd"):
+        raise typer.BadParameter(f"{band!r}: use minmax or sd", param_hint="--band")
+    try:
+        parsed = parse_vary(vary)
+        name = load_config(config).run.name
+    except (SweepError, ConfigError) as exc:
+        hint = "--vary" if isinstance(exc, SweepError) else "CONFIG"
+        raise typer.BadParameter(str(exc), param_hint=hint) from exc
+    folder = out or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        runs = run_sweep(config, grid(parsed), list(range(seeds)), folder, progress=progress, band=band)  # type: ignore[arg-type]
+    except (SweepError, StackError) as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        typer.secho(
+            f"interrupted: every service was stopped; rerun with --out {folder} to resume",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    typer.echo(f"sweep folder: {folder.resolve()} ({len(runs)} runs; comparison/comparison.png, .txt)")
 
 
 @eval_app.command("api-bank")

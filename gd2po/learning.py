@@ -93,3 +93,27 @@ def normalised_total(
         for index in range(steps):
             total[index] += (values[index] - low) / span
     return total
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` steps (shorter at the start), same length as ``values``."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value - (values[index - window] if index >= window else 0.0)
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def first_reach(
+    reward_means: Mapping[str, Sequence[float]], targets: Mapping[str, float], window: int
+) -> int | None:
+    """The first step (1-based) at which the trailing mean over ``window`` steps of every reward named in
+    ``targets`` is at or above its target, or None when that never happens. The window keeps one lucky
+    batch from counting as reached; the first ``window − 1`` steps average fewer steps. Raises KeyError
+    for a target on a reward without a curve."""
+    smoothed = {name: moving_average(list(reward_means[name]), window) for name in targets}
+    steps = min(len(values) for values in smoothed.values())
+    for index in range(steps):
+        if all(smoothed[name][index] >= target for name, target in targets.items()):
+            return index + 1
+    return None

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from gd2po.learning import MIN_STEPS, normalised_total, quarter_rise, quarters
+from gd2po.learning import MIN_STEPS, moving_average, normalised_total, quarter_rise, quarters
 from gd2po.runlog import read_steps, reward_names, reward_ranges
 
 RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
@@ -21,15 +21,6 @@ RATIOS = ("conflict_ratio", "drop_ratio", "keep_ratio")
 def series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
     points = [(float(s["step"]), float(s[key])) for s in steps if key in s and "step" in s]
     return [p[0] for p in points], [p[1] for p in points]
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over up to ``window`` steps (shorter at the start), same length as ``values``."""
-    out, total = [], 0.0
-    for index, value in enumerate(values):
-        total += value - (values[index - window] if index >= window else 0.0)
-        out.append(total / min(index + 1, window))
-    return out
 
 
 def plot_rewards(steps: list[dict], path: Path, ranges: dict[str, tuple[float, float]] | None = None) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gd2po.learning import normalised_total, quarter_rise
+from gd2po.learning import first_reach, normalised_total, quarter_rise
 
 
 def test_a_rise_is_measured_in_pooled_standard_deviations_of_the_quarters() -> None:
@@ -53,3 +53,12 @@ def test_normalised_total_puts_each_reward_on_its_declared_range() -> None:
 def test_normalised_total_falls_back_to_the_curves_own_range() -> None:
     assert normalised_total({"x": [2.0, 4.0]}, {}) == [0.0, 1.0]
     assert normalised_total({"x": [2.0, 4.0]}, {"x": (1.0, 1.0)}) == [0.0, 1.0]  # empty range
+
+
+def test_first_reach_needs_every_reward_over_its_target_on_the_trailing_mean() -> None:
+    curves = {"a": [0.0, 1.0, 0.0, 1.0, 1.0, 1.0], "b": [0.0, 0.0, 0.6, 0.6, 0.6, 0.6]}
+    # Step 2: a's single lucky step is not enough with a window of 2 (mean 0.5).
+    assert first_reach(curves, {"a": 0.9, "b": 0.5}, window=2) == 5
+    assert first_reach(curves, {"a": 0.5}, window=2) == 2
+    assert first_reach(curves, {"a": 0.9, "b": 0.7}, window=2) is None
+    assert first_reach(curves, {"a": 1.0}, window=1) == 2
