@@ -18,26 +18,18 @@ app.add_typer(model_app, name="model")
 app.add_typer(eval_app, name="eval")
 
 
-@app.command()
-def up(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML (configs/…)."),
-    run_dir: Path | None = typer.Option(None, help="Run folder (default runs/<name>-<timestamp>)."),
-    progress: bool = typer.Option(True, help="Show the live progress view and final summary."),
-    pin: list[str] = typer.Option(
-        [],
-        help="Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward).",
-    ),
-    resume: bool = typer.Option(
-        False, help="Continue the run in --run-dir (Redis data, newest checkpoint, prompt position)."
-    ),
-    auto_pin: bool = typer.Option(
-        True,
-        help="Without --pin, pin rollout and trainer to separate halves of the cores in asynchronous runs "
-        "(--no-auto-pin: no taskset, thread pools still sized to the halves).",
-    ),
-) -> None:
-    """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
-    from gd2po.stack import ROLES, StackError, run_stack
+PIN_HELP = (
+    "Pin a role to CPUs with taskset, e.g. --pin rollout=0 --pin trainer=1 (roles: rollout, trainer, reward)."
+)
+AUTO_PIN_HELP = (
+    "Without --pin, pin rollout and trainer to separate halves of the cores in asynchronous runs "
+    "(--no-auto-pin: no taskset, thread pools still sized to the halves)."
+)
+
+
+def _pins(pin: list[str]) -> dict[str, str]:
+    """``["trainer=1", ...]`` → ``{"trainer": "1"}``; a malformed item or unknown role is a usage error."""
+    from gd2po.stack import ROLES
 
     if any("=" not in item for item in pin):
         raise typer.BadParameter("expected ROLE=CPUS, e.g. trainer=1", param_hint="--pin")
@@ -47,6 +39,24 @@ def up(
         raise typer.BadParameter(
             f"unknown role(s) {sorted(unknown)}; use {sorted(ROLES.values())}", param_hint="--pin"
         )
+    return pins
+
+
+@app.command()
+def up(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML (configs/…)."),
+    run_dir: Path | None = typer.Option(None, help="Run folder (default runs/<name>-<timestamp>)."),
+    progress: bool = typer.Option(True, help="Show the live progress view and final summary."),
+    pin: list[str] = typer.Option([], help=PIN_HELP),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --run-dir (Redis data, newest checkpoint, prompt position)."
+    ),
+    auto_pin: bool = typer.Option(True, help=AUTO_PIN_HELP),
+) -> None:
+    """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
+    from gd2po.stack import StackError, run_stack
+
+    pins = _pins(pin)
     try:
         folder = run_stack(
             config, run_dir=run_dir, progress=progress, pin=pins, auto_pin=auto_pin, resume=resume
@@ -103,6 +113,8 @@ def sweep(
     ),
     band: str = typer.Option("minmax", help="Band across seeds in the comparison: minmax or sd."),
     progress: bool = typer.Option(True, help="Show each run's live progress view and summary."),
+    pin: list[str] = typer.Option([], help=PIN_HELP + " Every run of the sweep."),
+    auto_pin: bool = typer.Option(True, help=AUTO_PIN_HELP),
 ) -> None:
     """Run CONFIG for every combination of the --vary values × every seed, one run folder each (each a
     `gd2po up`), one after the other; then `gd2po compare` over them, with bands across seeds."""
@@ -114,6 +126,7 @@ def sweep(
 
     if band not in ("minmax", "sd"):
         raise typer.BadParameter(f"{band!r}: use minmax or sd", param_hint="--band")
+    pins = _pins(pin)
     try:
         parsed = parse_vary(vary)
         name = load_config(config).run.name
@@ -122,7 +135,16 @@ def sweep(
         raise typer.BadParameter(str(exc), param_hint=hint) from exc
     folder = out or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        runs = run_sweep(config, grid(parsed), list(range(seeds)), folder, progress=progress, band=band)  # type: ignore[arg-type]
+        runs = run_sweep(
+            config,
+            grid(parsed),
+            list(range(seeds)),
+            folder,
+            progress=progress,
+            band=band,  # type: ignore[arg-type]
+            pin=pins,
+            auto_pin=auto_pin,
+        )
     except (SweepError, StackError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

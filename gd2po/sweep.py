@@ -189,13 +189,15 @@ def run_sweep(
     progress: bool = True,
     band: Band = "minmax",
     compare: bool = True,
+    pin: dict[str, str] | None = None,
+    auto_pin: bool = True,
     console: Console | None = None,
 ) -> list[PlannedRun]:
     """Run every arm (:func:`grid` of the ``--vary`` values, or arms built by hand) × seed one after the
     other through :func:`gd2po.stack.run_stack` (each a full ``gd2po up``), then, with ``compare``, write
     ``sweep_dir/comparison``. Returns the runs. Raises SweepError before any run when a config does not
     load, and :class:`gd2po.stack.StackError` when a run fails (the runs finished before it are kept; the
-    same call resumes)."""
+    same call resumes). ``pin`` and ``auto_pin`` are ``gd2po up``'s, for every run."""
     from gd2po.stack import run_stack
 
     console = console or Console()
@@ -225,7 +227,7 @@ def run_sweep(
         if run.run_dir.exists():
             shutil.rmtree(run.run_dir)  # an unfinished run starts again: its steps would not be comparable
         started = time.monotonic()
-        run_stack(run.config_path, run_dir=run.run_dir, progress=progress)
+        run_stack(run.config_path, run_dir=run.run_dir, progress=progress, pin=pin, auto_pin=auto_pin)
         durations.append(time.monotonic() - started)
         console.print(f"{where}: done in {durations[-1]:.0f} s")
     if compare:
