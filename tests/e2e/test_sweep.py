@@ -51,7 +51,7 @@ def test_a_sweep_runs_every_arm_and_seed_through_the_stack_and_compares_them(tmp
     assert result.returncode == 0, output[-4000:]
     assert "run 4/4 · estimator=gd2po_hard · seed 1" in output
 
-    first_rewards = {}
+    observed = {}
     for estimator in ("grpo", "gd2po_hard"):
         for seed in (0, 1):
             run_dir = sweep_dir / f"estimator={estimator}" / f"seed-{seed}"
@@ -66,9 +66,13 @@ def test_a_sweep_runs_every_arm_and_seed_through_the_stack_and_compares_them(tmp
                 assert keep == [1.0] * STEPS  # GRPO filters nothing
             else:
                 assert min(keep) < 1.0, "GD²PO-Hard dropped no rollout: the arm did not run its estimator"
-            first_rewards[estimator, seed] = steps[0]["reward_mean/short"]
-    # The seed reached the run: the two seeds of an arm sampled different first batches.
-    assert first_rewards["grpo", 0] != first_rewards["grpo", 1]
+            observed[estimator, seed] = [
+                (s["reward_mean/short"], s["reward_mean/vowel"], s["conflict_ratio"]) for s in steps
+            ]
+    # The seed reached the run: the two seeds of an arm sampled different batches (prompt order and
+    # sampling), while the same seed of both arms drew the same first batch from the same start.
+    assert observed["grpo", 0] != observed["grpo", 1]
+    assert observed["grpo", 0][0] == observed["gd2po_hard", 0][0]
 
     text = (sweep_dir / "comparison" / "comparison.txt").read_text()
     for arm in ("estimator=grpo · grpo × 2 seeds", "estimator=gd2po_hard · gd2po_hard × 2 seeds"):
