@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import time
@@ -36,6 +37,7 @@ from proto.config import (
     ADVANTAGE_VARIANTS,
     ESTIMATOR_NAMES,
     ConfigError,
+    env_var,
     load_config,
     read_config_mapping,
 )
@@ -145,6 +147,15 @@ def grid(vary: list[tuple[str, list[Any]]]) -> list[Arm]:
     return list(arms.values())
 
 
+def _dotted(mapping: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of a nested mapping's leaves: ``{"a": {"b": 1}}`` → ``{"a.b"}``."""
+    keys: set[str] = set()
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        keys |= _dotted(value, f"{name}.") if isinstance(value, dict) and value else {name}
+    return keys
+
+
 def run_config(base: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The mapping of a file that extends ``base`` (absolute path) with ``overrides``."""
     return {"extends": str(Path(base).resolve()), **overrides}
@@ -155,6 +166,14 @@ def plan(config: Path, arms: list[Arm], seeds: list[int], sweep_dir: Path) -> li
     outermost. Raises SweepError listing every run whose config does not load."""
     config = Path(config).resolve()
     base_name = read_config_mapping(config).get("run", {}).get("name", config.stem)
+    swept = {"run.seed", "run.name"}.union(*(_dotted(arm.overrides) for arm in arms))
+    # The environment wins over a config file: an exported override of a swept key would give every run
+    # the same value, silently.
+    exported = sorted(env_var(key) for key in swept if env_var(key) in os.environ)
+    if exported:
+        raise SweepError(
+            f"unset {', '.join(exported)}: it would override the value each run of the sweep sets"
+        )
     (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
     runs, errors = [], []
     for arm, seed in itertools.product(arms, seeds):

@@ -105,6 +105,23 @@ def test_every_arm_that_would_fail_is_named_before_any_run(tmp_path: Path) -> No
     assert "arm lr=-1,nope=1, seed 0" in message and "trainer.lr" in message
 
 
+def test_an_exported_override_of_a_swept_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GD2PO_* variables win over the config file, so they would give every run the same value."""
+    arms = grid(parse_vary(["trainer.advantage.estimator=grpo,gdpo"]))
+    monkeypatch.setenv("GD2PO_RUN__SEED", "7")
+    with pytest.raises(SweepError, match="unset GD2PO_RUN__SEED"):
+        plan(SHOWCASE, arms, [0, 1], tmp_path)
+    monkeypatch.delenv("GD2PO_RUN__SEED")
+    monkeypatch.setenv("GD2PO_TRAINER__ADVANTAGE__ESTIMATOR", "grpo")
+    with pytest.raises(SweepError, match="unset GD2PO_TRAINER__ADVANTAGE__ESTIMATOR"):
+        plan(SHOWCASE, arms, [0], tmp_path)
+    monkeypatch.setenv("GD2PO_TRAINER__LR", "1e-5")  # a key the sweep does not set stays the user's
+    monkeypatch.delenv("GD2PO_TRAINER__ADVANTAGE__ESTIMATOR")
+    assert load_config(plan(SHOWCASE, arms, [0], tmp_path)[0].config_path).trainer.lr == 1e-5
+
+
 def test_the_cli_reports_a_bad_vary_without_running(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
