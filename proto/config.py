@@ -45,8 +45,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS: tuple[str, ...] = get_args(TrackerName)
+"""The experiment trackers ``run.report_to`` can name (``trainer.trackers`` opens each one)."""
+
+
+class TrackingConfig(_Section):
+    """Options of the experiment trackers named in ``run.report_to``."""
+
+    project: str = "gd2po"
+    """W&B project and MLflow experiment the run is logged to; the tracker's run is named ``run.name``."""
+    completions_every: int = Field(default=10, ge=0)
+    """Log a table of sample completions with their per-reward scores and advantage every this many
+    steps (0: never)."""
+    completions_per_table: int = Field(default=8, ge=1)
+    """Rows of that table at most: the step's first completions, group by group."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """W&B mode; unset, W&B decides (``WANDB_MODE``, else online, which needs ``WANDB_API_KEY``).
+    Offline runs are written under the run folder's ``wandb/``; ``wandb sync`` uploads them later."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server or store; unset, a local file store in the run folder's ``mlruns/``
+    (MLflow 3 opens file stores only with ``MLFLOW_ALLOW_FILE_STORE=true``, which the trainer sets for
+    itself: ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN_DIR/mlruns`` browses it)."""
+
+
 class RunConfig(_Section):
-    """The run: its name, folder and seed."""
+    """The run: its name, folder, seed and experiment trackers."""
 
     name: str = "gd2po-run"
     """Run name (``gd2po up`` names the run folder after it)."""
@@ -57,6 +81,19 @@ class RunConfig(_Section):
     startup_timeout: float = Field(default=60.0, ge=0)
     """Seconds a service waits at start for Redis and the reward services (they may still be starting)
     before it exits with one line naming what it could not reach."""
+    report_to: list[TrackerName] = Field(default_factory=list)
+    """Experiment trackers the trainer logs every step to, beside ``metrics.jsonl`` and Prometheus: the
+    same record under the names TRL and verl use where they have one (``rewards/<name>/mean``), the
+    config, and sample completions every ``run.tracking.completions_every`` steps. TensorBoard writes to
+    the run folder's ``tensorboard/``. A tracker that cannot start stops the trainer at start."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, report_to: list[str]) -> list[str]:
+        if len(set(report_to)) != len(report_to):
+            raise ValueError(f"names a tracker twice: {report_to}")
+        return report_to
 
 
 class RedisConfig(_Section):

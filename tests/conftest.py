@@ -81,3 +81,14 @@ def tiny_reward_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir:
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target
+
+
+@pytest.fixture
+def isolated_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experiment trackers see none of the caller's W&B or MLflow settings or credentials, and W&B's
+    home folders are the test's."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))

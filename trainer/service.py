@@ -10,6 +10,7 @@ Every rank computes on its shard of the rollouts; rank 0 talks to Redis and broa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
 from trainer.step import advantages_for, train_on
+from trainer.trackers import StepRollouts, Trackers
 
 log = logging.getLogger("trainer")
 
@@ -86,6 +88,21 @@ class Trainer:
 
     def run(self) -> checkpoint.TrainerState:
         self.check_dependencies()
+        # Rank 0 logs to the trackers; they start before minutes of model loading, so one that cannot
+        # start fails the run at once (TrackerError). The engine sets up ranks, so read it as it does.
+        trackers = (
+            Trackers.open(self.config, resume=self.resume) if os.environ.get("RANK", "0") == "0" else None
+        )
+        failed = True
+        try:
+            state = self._train(trackers)
+            failed = False
+            return state
+        finally:
+            if trackers is not None:
+                trackers.close(failed=failed)
+
+    def _train(self, trackers: Trackers | None) -> checkpoint.TrainerState:
         engine = self.engine = PolicyEngine(self.config)
         if self.config.trainer.loss.kl_coef:
             self.reference = ReferencePolicy(
@@ -133,11 +150,14 @@ class Trainer:
         progress = StepProgress(self.total_steps, start=state.step) if rank == 0 else None
         try:
             while state.step < self.total_steps and not self.stopping.is_set():
-                record = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
-                if record is None:
+                step = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
+                if step is None:
                     break
+                record, rollouts = step
                 if rank == 0:
                     journal.write(record)
+                    if trackers is not None:
+                        trackers.report(record, rollouts)
                     if progress:
                         progress.update(record)
                 if state.step % self.config.trainer.checkpoint.every == 0 or state.step == self.total_steps:
@@ -178,9 +198,10 @@ class Trainer:
         state: checkpoint.TrainerState,
         counts: Counts,
         uncommitted: Pulled,
-    ) -> dict[str, float] | None:
-        """One step in four phases — pull, learn, publish, record — timed by one step timer; None when
-        the trainer is stopping before a full batch arrived."""
+    ) -> tuple[dict[str, float], StepRollouts] | None:
+        """One step in four phases — pull, learn, publish, record — timed by one step timer: its record
+        and its rollouts with their advantages, or None when the trainer is stopping before a full batch
+        arrived."""
         timer = StepTimer()
         with timer.phase("wait"):
             pulled = self._pull(consumer, state, counts)
@@ -191,9 +212,10 @@ class Trainer:
         state.step += 1
         with timer.phase("publish"):
             self._publish(engine, publisher, state)
-        return self._record(
+        record = self._record(
             record, groups, pulled, batch, estimate, state, counts, consumer, uncommitted, timer
         )
+        return record, StepRollouts.of(groups, estimate.advantages, batch.response_mask)
 
     def _pull(self, consumer: GroupConsumer | None, state: checkpoint.TrainerState, counts: Counts) -> Pulled:
         """Rank 0 reads the step's fresh groups (counting those it skips or dead-letters); other ranks get

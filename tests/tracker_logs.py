@@ -1,0 +1,66 @@
+"""Reading back what the experiment trackers wrote, each with its own library's reader: TensorBoard's
+EventAccumulator, W&B's transaction-log reader (``wandb leet inspect --json``), MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def tensorboard_events(run_dir: Path):
+    """The run's TensorBoard events, every one kept (no sampling)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def tensorboard_texts(events, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of each ``add_text(tag, …)``."""
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return [
+        (e.step, make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors(f"{tag}/text_summary")
+    ]
+
+
+def wandb_offline_run(run_dir: Path) -> Path:
+    """The one offline W&B run folder under the run folder."""
+    [folder] = (run_dir / "wandb").glob("offline-run-*")
+    return folder
+
+
+def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the offline W&B run, as W&B's own reader prints them (what `wandb sync` uploads)."""
+    [log] = wandb_offline_run(run_dir).glob("run-*.wandb")
+    inspect = subprocess.run(
+        [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    return [json.loads(line) for line in inspect.stdout.splitlines()]
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    return [r["history"]["item"] for r in wandb_records(run_dir) if r["type"] == "history"]
+
+
+def mlflow_client(run_dir: Path):
+    """A client of the run folder's default MLflow file store."""
+    import os
+
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as the trainer's tracker opens it
+    return MlflowClient((run_dir / "mlruns").resolve().as_uri())
+
+
+def tracker_run_ids(run_dir: Path) -> dict[str, str]:
+    return json.loads((run_dir / "trackers.json").read_text())
