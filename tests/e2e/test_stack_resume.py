@@ -21,7 +21,11 @@ from proto.keys import RedisKeys
 from proto.stream import entry_message
 
 pytestmark = pytest.mark.e2e
-STEPS = 6
+# Many more steps than the stop point: a warm tiny stack trains ~5 steps a second, so with 6 steps the
+# first run could finish before the SIGINT arrived and the test measured nothing (seen when run after the
+# other e2e tests). 40 steps leave the first run seconds of margin whatever the machine's speed.
+STEPS = 40
+STOP_AT = 2
 
 
 def stop_after(process, run_dir: Path, steps: int, timeout: float = 300) -> None:
@@ -44,9 +48,9 @@ def test_a_stopped_run_resumes_where_it_left_off(tmp_path: Path, tiny_model_dir:
     assert not os.environ.get("GD2PO_REDIS__URL") and not os.environ.get("REDIS_URL")  # the private Redis
 
     first = start_gd2po_up(config_path, run_dir, {})
-    stop_after(first, run_dir, 2)
+    stop_after(first, run_dir, STOP_AT)
     stopped_at = steps_logged(run_dir)
-    assert stopped_at < STEPS
+    assert stopped_at < STEPS // 2, f"the first run went on to step {stopped_at} before it stopped"
 
     second = start_gd2po_up(config_path, run_dir, {}, extra=("--resume",))
     output = finish(second, 600)
