@@ -99,6 +99,14 @@ def derive_config(source: Path, steps: int, quick: bool, workdir: Path) -> Path:
     config = read_config_mapping(source)
     config["trainer"]["total_steps"] = steps
     config["trainer"].setdefault("checkpoint", {})["every"] = steps
+    # One optimizer step per training step, over all of the step's rollouts: that is what TRL's
+    # GRPOTrainer does with per_device_train_batch_size × gradient_accumulation_steps rollouts per step,
+    # so both sides update the same number of times (the demo itself splits a step in two mini-batches).
+    rollouts = config["trainer"]["prompts_per_step"] * config["rollout"]["group_size"]
+    config["trainer"]["mini_batches"] = 1
+    config["trainer"]["deepspeed"].update(
+        train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=rollouts
+    )
     if quick:
         config["model"].update(max_prompt_tokens=256, max_response_tokens=32)
     path = workdir / "bench.yaml"
