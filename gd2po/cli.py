@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from gd2po.models import DEFAULT_MODEL_DIR
+from gd2po.restart import RestartMode, RestartPolicy
 
 app = typer.Typer(help="gd2po: multi-reward RL post-training with GD²PO.", no_args_is_help=True)
 model_app = typer.Typer(help="Offline model preparation.", no_args_is_help=True)
@@ -52,14 +53,31 @@ def up(
         False, help="Continue the run in --run-dir (Redis data, newest checkpoint, prompt position)."
     ),
     auto_pin: bool = typer.Option(True, help=AUTO_PIN_HELP),
+    restart: RestartMode = typer.Option(
+        RestartMode.ON_FAILURE,
+        help="on-failure: a child that crashes once the stack is ready (Redis included) is started again "
+        "after a backoff, the trainer with --resume; no: the crash stops the run.",
+    ),
+    max_restarts: int = typer.Option(
+        RestartPolicy.max_restarts,
+        min=0,
+        help="Restarts per child with --restart on-failure; its next crash stops the run with its log tail.",
+    ),
 ) -> None:
     """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
+    from gd2po.restart import policy_for
     from gd2po.stack import StackError, run_stack
 
     pins = _pins(pin)
     try:
         folder = run_stack(
-            config, run_dir=run_dir, progress=progress, pin=pins, auto_pin=auto_pin, resume=resume
+            config,
+            run_dir=run_dir,
+            progress=progress,
+            pin=pins,
+            auto_pin=auto_pin,
+            resume=resume,
+            restart=policy_for(restart, max_restarts),
         )
     except StackError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)

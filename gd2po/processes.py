@@ -57,10 +57,7 @@ class Child:
         return None if self.process is None else self.process.poll()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the whole process group, wait, then SIGKILL whatever is left."""
@@ -78,6 +75,14 @@ class Child:
                 time.sleep(0.1)
             if self.process.poll() is not None and not _group_alive(self.process.pid):
                 break
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file, or ``(no log)``."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 def _group_alive(pgid: int) -> bool:

@@ -27,6 +27,7 @@ from rich.table import Table
 from gd2po.learning import quarter_rise
 from gd2po.runlog import read_steps, reward_names
 from proto.keys import RedisKeys
+from proto.restarts import Restart, read_restarts
 from proto.stream import QueueState, queue_state
 
 
@@ -36,13 +37,15 @@ class Snapshot:
 
     ``steps``: the trainer's step records so far (metrics.jsonl, oldest first); ``rollout``: the
     rollout's unlabelled metric samples by name (empty when it did not answer); ``queue``: the queue
-    state (None when Redis did not answer)."""
+    state (None when Redis did not answer); ``restarts``: the children ``gd2po up`` restarted after a
+    crash (restarts.jsonl, oldest first)."""
 
     title: str
     total_steps: int
     steps: list[dict] = field(default_factory=list)
     rollout: dict[str, float] = field(default_factory=dict)
     queue: QueueState | None = None
+    restarts: list[Restart] = field(default_factory=list)
 
 
 class RunReader:
@@ -65,15 +68,16 @@ class RunReader:
 
     def snapshot(self, *, live: bool = True) -> Snapshot:
         """The run now; without ``live`` only the step records (no scrape, no Redis round trips)."""
-        steps = read_steps(self.run_dir)
+        steps, restarts = read_steps(self.run_dir), read_restarts(self.run_dir) or []
         if not live:
-            return Snapshot(title=self.title, total_steps=self.total_steps, steps=steps)
+            return Snapshot(title=self.title, total_steps=self.total_steps, steps=steps, restarts=restarts)
         return Snapshot(
             title=self.title,
             total_steps=self.total_steps,
             steps=steps,
             rollout=_scrape(self._http, self.rollout_url),
             queue=_queue(self._redis, self.keys),
+            restarts=restarts,
         )
 
 
@@ -116,7 +120,25 @@ def render(snapshot: Snapshot) -> Table:
     queue = snapshot.queue.as_metrics() if snapshot.queue is not None else None
     for name in ("queue_lag", "queue_pending", "queue_dead_letters"):
         table.add_row(name, "?" if queue is None else str(queue[name]))
+    if snapshot.restarts:
+        table.add_row("restarts", _restarts_cell(snapshot.restarts))
     return table
+
+
+def _restarts_cell(restarts: list[Restart]) -> str:
+    """``3 (redis 1, trainer 2)``: restarts in all and per child, in the order they first happened."""
+    counts: dict[str, int] = {}
+    for restart in restarts:
+        counts[restart.child] = counts.get(restart.child, 0) + 1
+    return f"{len(restarts)} ({', '.join(f'{child} {n}' for child, n in counts.items())})"
+
+
+def restart_line(restart: Restart) -> str:
+    """One restart as the view prints it."""
+    return (
+        f"restart: {restart.child} exited with code {restart.exit_code}; restart "
+        f"{restart.attempt}/{restart.max_restarts} in {restart.delay_s:.1f} s"
+    )
 
 
 def _reward_cell(steps: list[dict], name: str) -> str:
@@ -142,6 +164,7 @@ class RunView:
         self._console = Console(stderr=False)
         self._live = Live(console=self._console, auto_refresh=False) if self.interactive else None
         self._printed = 0
+        self._restarts_printed = 0
 
     def __enter__(self) -> RunView:
         if self._live is not None:
@@ -153,6 +176,10 @@ class RunView:
             self._live.__exit__(*exc)
 
     def show(self, snapshot: Snapshot) -> None:
+        # Each restart once, as a line (above the live table on a terminal, where its row counts them).
+        for restart in snapshot.restarts[self._restarts_printed :]:
+            self._console.print(restart_line(restart), style="yellow")
+        self._restarts_printed = len(snapshot.restarts)
         if self._live is not None:
             self._live.update(render(snapshot))
             self._live.refresh()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Literal
 
 import redis
 
@@ -32,12 +33,24 @@ def find_redis_binary() -> Path:
 
 
 class RedisProcess:
-    """A real Redis server process bound to 127.0.0.1 with its data in ``workdir``."""
+    """A real Redis server process bound to 127.0.0.1 with its data in ``workdir``.
 
-    def __init__(self, workdir: Path, *, port: int | None = None, appendonly: bool = False):
+    ``appendonly`` keeps the data in an append-only file there, so a server started again on the same
+    ``workdir`` comes back with it; ``appendfsync`` is when that file is flushed to disk: ``everysec``
+    (Redis' default) may lose the last second of acknowledged writes to a crash, ``always`` none."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        appendfsync: Literal["always", "everysec", "no"] = "everysec",
+    ):
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen | None = None
 
     @property
@@ -53,9 +66,10 @@ class RedisProcess:
             "--dir", str(self.workdir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--protected-mode", "yes",
         ]  # fmt: skip
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         client = redis.Redis.from_url(self.url)
@@ -77,6 +91,14 @@ class RedisProcess:
                 time.sleep(0.05)
             finally:
                 client.close()
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def exit_code(self) -> int | None:
+        """None while the server runs (or before it was started), else its exit code (-9: SIGKILL)."""
+        return None if self.process is None else self.process.poll()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

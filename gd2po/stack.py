@@ -4,6 +4,12 @@ Starts a private Redis (or uses ``GD2PO_REDIS__URL``), every reward service decl
 ``launch`` section (each replica on a free port), the rollout service and the trainer; waits until
 each is ready; shows live progress; and stops everything when the trainer finishes, on error, or on
 Ctrl-C. The run folder keeps the effective config, each service's log, metrics and checkpoints.
+
+Once the stack is ready it supervises its children (:meth:`Stack.supervise`): a child that crashes —
+Redis included — is started again with the same command after a backoff, the trainer with ``--resume``,
+until its restart budget is spent (:mod:`gd2po.restart`); every restart is a line of the run's
+``restarts.jsonl`` (:mod:`proto.restarts`). A child that fails before the stack is ready stops the run
+at once: a bad config or a missing model does not get better by retrying.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import httpx
 
 from gd2po.environment import process_environment
 from gd2po.ports import free_port
-from gd2po.processes import Child
+from gd2po.processes import Child, log_tail
 from gd2po.progress import RunReader, RunView, cold_start_progress
 from gd2po.redis_server import RedisProcess
+from gd2po.restart import CrashHistory, RestartPolicy
 from gd2po.runlog import REWARDS_FILE
 from proto.config import ExperimentConfig, dump_config, load_config, mask_url
+from proto.restarts import Restart, append_restart, start_log
 
 READY_TIMEOUT_S = 600.0
 log = logging.getLogger("gd2po.stack")
@@ -84,10 +92,22 @@ class StackError(RuntimeError):
 
 
 @dataclass
+class Watch:
+    """Restart bookkeeping of one supervised process (a service or the private Redis)."""
+
+    history: CrashHistory = field(default_factory=CrashHistory)
+    started_at: float = field(default_factory=time.monotonic)
+    """When the current process was started (monotonic seconds): how long it ran sets the backoff."""
+    restart_at: float | None = None
+    """When a crashed process is due to start again (monotonic seconds); None while none is due."""
+
+
+@dataclass
 class Service:
     child: Child
     ready_url: str | None = None
     replica_of: str | None = None  # reward name, for reward replicas
+    watch: Watch = field(default_factory=Watch)
 
 
 @dataclass
@@ -107,6 +127,8 @@ class Stack:
     lost: list[Service] = field(default_factory=list)
     show_progress: bool = True
     model_override: str | None = None  # the cold start's model, when the config has an sft section
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    redis_watch: Watch = field(default_factory=Watch)
 
     @property
     def trainer(self) -> Child:
@@ -147,6 +169,8 @@ class Stack:
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        if self.restart.max_restarts:
+            start_log(self.run_dir)  # the trainer counts restarts into metrics.jsonl while it exists
         self._cold_start()
         self._start_redis()
         rewards = self._start_rewards()
@@ -237,6 +261,11 @@ class Stack:
         """services.json: where every child listens and its pid, for operators and tests."""
         manifest = {
             "redis_url": mask_url(self.redis_url),  # an external Redis URL may carry its password
+            "redis": (
+                {"pid": self.redis.process.pid, "log": str(self.redis.log_path)}
+                if self.redis is not None and self.redis.process is not None
+                else None  # an external Redis is not ours to watch
+            ),
             "services": [
                 {
                     "name": s.child.name,
@@ -254,8 +283,10 @@ class Stack:
         if external:
             self.redis_url = external
             return
-        # Append-only file in the run folder: streams, ledger and policy key survive for `--resume`.
-        self.redis = RedisProcess(self.run_dir / "redis", appendonly=True).start()
+        # Append-only file in the run folder, flushed before each write is acknowledged: streams, ledger
+        # and policy key survive `--resume` and a restart after kill -9 (Redis then loses nothing a
+        # service was told was written).
+        self.redis = RedisProcess(self.run_dir / "redis", appendonly=True, appendfsync="always").start()
         self.redis_url = self.redis.url
 
     def _start_rewards(self) -> list[dict]:
@@ -282,26 +313,131 @@ class Stack:
         return rewards
 
     def check_alive(self) -> None:
-        """Raise if a service died — except a reward replica while another replica of it still serves."""
+        """Raise if a service died — except a reward replica while another replica of it still serves.
+        The start-up check: nothing is restarted before the stack is ready."""
         for service in self.services:
             code = service.child.exit_code()
             if code is None or (service.child.name == "trainer" and code == 0):
                 continue
-            if service.replica_of and self._replicas_alive(service.replica_of):
-                if service not in self.lost:
-                    self.lost.append(service)
-                    log.warning(
-                        "%s exited with code %d; other replicas keep serving", service.child.name, code
-                    )
-                continue
-            raise StackError(
-                f"{service.child.name} exited with code {code}; last lines of "
-                f"{service.child.log_path}:\n{service.child.log_tail()}"
-            )
+            self._give_up(service, code)
 
-    def follow(self, *, show: bool = True, poll_s: float = 1.0) -> None:
-        """Block until the trainer exits, raising :class:`StackError` when a service dies (see
-        :meth:`check_alive`); meanwhile the progress view renders a snapshot of the run each poll."""
+    def _give_up(self, service: Service, code: int) -> None:
+        """Stop the run over a service that exited with ``code`` and will not be restarted — unless it is
+        a reward replica and another replica of that reward still serves (it is then left out)."""
+        if service.replica_of and self._replicas_alive(service.replica_of):
+            if service not in self.lost:
+                self.lost.append(service)
+                log.warning("%s exited with code %d; other replicas keep serving", service.child.name, code)
+            return
+        raise StackError(self._exit_message(service.child.name, code, service.watch, service.child.log_path))
+
+    def _exit_message(self, name: str, code: int, watch: Watch, log_path: Path) -> str:
+        spent = watch.history.restarts
+        budget = f" after {spent} restart(s) of {self.restart.max_restarts}" if spent else ""
+        return f"{name} exited with code {code}{budget}; last lines of {log_path}:\n{log_tail(log_path)}"
+
+    def supervise(self) -> None:
+        """One supervision pass over the running stack: restart each child that crashed (exit code other
+        than 0) once its backoff has passed — the trainer with ``--resume`` —, and raise
+        :class:`StackError` with its log tail for one whose restart budget is spent (a reward replica
+        then drops out while another replica serves, as without restarts). The trainer exiting 0 is
+        the run's end, not a crash; another child exiting 0 stops the run, as it always did."""
+        if self.redis is not None:
+            self._supervise_redis()
+        for service in self.services:
+            self._supervise_service(service)
+
+    def _crashed(self, name: str, code: int, watch: Watch, log_path: Path) -> bool:
+        """Handle a child found exited with ``code``: schedule its restart and log it, returning True, or
+        return False when it is not to be restarted (exit 0, or its budget is spent)."""
+        now = time.monotonic()
+        delay = self.restart.on_crash(watch.history, now - watch.started_at) if code != 0 else None
+        if delay is None:
+            return False
+        watch.restart_at = now + delay
+        restart = Restart(
+            child=name,
+            exit_code=code,
+            attempt=watch.history.restarts,
+            max_restarts=self.restart.max_restarts,
+            delay_s=delay,
+        )
+        append_restart(self.run_dir, restart)
+        with contextlib.suppress(OSError), log_path.open("a") as child_log:  # the restart, in its own log
+            child_log.write(
+                f"\n--- gd2po up: {name} exited with code {code}; restart {restart.attempt} of "
+                f"{restart.max_restarts} in {delay:.1f} s ---\n"
+            )
+        log.warning("%s exited with code %d; restart %d of %d in %.1f s", name, code,
+                    restart.attempt, restart.max_restarts, delay)  # fmt: skip
+        return True
+
+    def _supervise_service(self, service: Service) -> None:
+        watch, child = service.watch, service.child
+        if watch.restart_at is not None:
+            if time.monotonic() >= watch.restart_at:
+                self._restart_service(service)
+            return
+        code = child.exit_code()
+        if code is None or (child.name == "trainer" and code == 0) or service in self.lost:
+            return
+        if not self._crashed(child.name, code, watch, child.log_path):
+            self._give_up(service, code)
+            return
+        child.stop(timeout=2.0)  # what the crash left of its process group (vLLM's engine process)
+
+    def _restart_service(self, service: Service) -> None:
+        """Start a crashed service again with the command and environment it had; the trainer resumes
+        from its newest checkpoint, with a fresh rendezvous port (the dead one's may still be held)."""
+        old = service.child
+        command, env = list(old.command), dict(old.env)
+        if old.name == "trainer":
+            command += [] if "--resume" in command else ["--resume"]
+            env.update(single_rank_rendezvous())
+        service.child = Child(name=old.name, command=command, log_path=old.log_path, env=env)
+        service.child.start(cwd=self.repo_root)
+        service.watch.restart_at, service.watch.started_at = None, time.monotonic()
+        self._write_manifest()
+
+    def _supervise_redis(self) -> None:
+        assert self.redis is not None
+        watch = self.redis_watch
+        if watch.restart_at is not None:
+            if time.monotonic() >= watch.restart_at:
+                self._restart_redis()
+            return
+        code = self.redis.exit_code()
+        if code is None:
+            return
+        if not self._crashed("redis", code, watch, self.redis.log_path):
+            raise StackError(self._exit_message("redis", code, watch, self.redis.log_path))
+
+    def _restart_redis(self) -> None:
+        """Start the private Redis again on its port and folder: it reloads the append-only file and the
+        services' clients reconnect (proto.redis_conn retries). A start that fails is seen as the next
+        crash on the following pass."""
+        assert self.redis is not None
+        old = self.redis
+        self.redis = RedisProcess(old.workdir, port=old.port, appendonly=True, appendfsync="always")
+        self.redis_watch.restart_at, self.redis_watch.started_at = None, time.monotonic()
+        try:
+            self.redis.start()
+        except (RuntimeError, TimeoutError) as exc:
+            log.warning("redis did not come back: %s", exc)
+        self._write_manifest()
+
+    def trainer_done(self) -> bool:
+        """The trainer exited 0: it reached ``trainer.total_steps`` (or was stopped cleanly)."""
+        return self.trainer.exit_code() == 0 and self._trainer_service.watch.restart_at is None
+
+    @property
+    def _trainer_service(self) -> Service:
+        return next(s for s in self.services if s.child.name == "trainer")
+
+    def follow(self, *, show: bool = True, poll_s: float = 0.25, render_s: float = 1.0) -> None:
+        """Block until the trainer has finished, supervising the children every ``poll_s`` seconds
+        (:meth:`supervise`: restarts, or :class:`StackError` once a child's budget is spent); meanwhile
+        the progress view renders a snapshot of the run every ``render_s`` seconds."""
         with (
             RunReader(
                 title=f"gd2po · {self.config.run.name} · {self.run_dir}",
@@ -313,14 +449,20 @@ class Stack:
             ) as reader,
             RunView(show=show) as view,
         ):
-            while self.trainer.exit_code() is None:
-                self.check_alive()
-                if view.show_anything:
+            next_render = time.monotonic()
+            while not self.trainer_done():
+                self.supervise()
+                if view.show_anything and time.monotonic() >= next_render:
                     view.show(reader.snapshot(live=view.interactive))
+                    next_render = time.monotonic() + render_s
                 time.sleep(poll_s)
 
     def _replicas_alive(self, reward: str) -> bool:
-        return any(s.replica_of == reward and s.child.exit_code() is None for s in self.services)
+        """Another replica of ``reward`` serves, or is about to (its restart is due)."""
+        return any(
+            s.replica_of == reward and (s.child.exit_code() is None or s.watch.restart_at is not None)
+            for s in self.services
+        )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         pending = [s for s in self.services if s.ready_url]
@@ -382,12 +524,15 @@ def run_stack(
     pin: dict[str, str] | None = None,
     auto_pin: bool = True,
     resume: bool = False,
+    restart: RestartPolicy | None = None,
 ) -> Path:
     """Run the stack until the trainer finishes; always stop every child. Returns the run folder.
 
     Without an explicit ``pin``, an asynchronous run splits the cores between rollout and trainer
     (:func:`placement`): pinned with ``auto_pin``, else by thread-pool size only. ``resume`` continues the
-    run in ``run_dir`` (its Redis data, newest checkpoint and prompt position) up to trainer.total_steps."""
+    run in ``run_dir`` (its Redis data, newest checkpoint and prompt position) up to trainer.total_steps.
+    ``restart`` is when a crashed child is restarted (default: :class:`RestartPolicy`'s on-failure
+    backoff and budget; ``max_restarts=0``: never, the crash stops the run)."""
     from gd2po.report import write_report
 
     config_path = Path(config_path).resolve()
@@ -406,12 +551,14 @@ def run_stack(
         threads=threads,
         resume=resume,
         show_progress=progress,
+        restart=restart or RestartPolicy(),
     )
     with _sigterm_as_interrupt():
         try:
             stack.start()
             stack.follow(show=progress)
-            stack.check_alive()
+            if not stack.restart.max_restarts:
+                stack.check_alive()  # without restarts, a crash seen at the very end fails the run too
         finally:
             stack.stop()
     write_report(run_dir, show=progress)

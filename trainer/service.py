@@ -25,6 +25,7 @@ from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
+from proto.restarts import restart_metrics
 from proto.startup import require_model, wait_for_redis
 from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
@@ -312,6 +313,7 @@ class Trainer:
         )
         if consumer is not None:
             record.update(consumer.queue_state().as_metrics())
+        record.update(restart_metrics(self.run_dir))  # children `gd2po up` restarted so far, if it runs us
         self.metrics.record(record, estimate.group_keep.tolist())
         return record
 
