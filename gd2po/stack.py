@@ -276,7 +276,10 @@ class Stack:
                 for s in self.services
             ],
         }
-        (self.run_dir / "services.json").write_text(json.dumps(manifest, indent=2))
+        # Replaced, not rewritten in place: a restart rewrites it while operators and tests read it.
+        staged = self.run_dir / "services.json.tmp"
+        staged.write_text(json.dumps(manifest, indent=2))
+        staged.replace(self.run_dir / "services.json")
 
     def _start_redis(self) -> None:
         external = os.environ.get("GD2PO_REDIS__URL") or os.environ.get("REDIS_URL")
@@ -368,8 +371,9 @@ class Stack:
                 f"\n--- gd2po up: {name} exited with code {code}; restart {restart.attempt} of "
                 f"{restart.max_restarts} in {delay:.1f} s ---\n"
             )
-        log.warning("%s exited with code %d; restart %d of %d in %.1f s", name, code,
-                    restart.attempt, restart.max_restarts, delay)  # fmt: skip
+        # The progress view prints the restart from restarts.jsonl; a log line too would print it twice.
+        log.info("%s exited with code %d; restart %d of %d in %.1f s", name, code,
+                 restart.attempt, restart.max_restarts, delay)  # fmt: skip
         return True
 
     def _supervise_service(self, service: Service) -> None:
@@ -428,11 +432,7 @@ class Stack:
 
     def trainer_done(self) -> bool:
         """The trainer exited 0: it reached ``trainer.total_steps`` (or was stopped cleanly)."""
-        return self.trainer.exit_code() == 0 and self._trainer_service.watch.restart_at is None
-
-    @property
-    def _trainer_service(self) -> Service:
-        return next(s for s in self.services if s.child.name == "trainer")
+        return self.trainer.exit_code() == 0
 
     def follow(self, *, show: bool = True, poll_s: float = 0.25, render_s: float = 1.0) -> None:
         """Block until the trainer has finished, supervising the children every ``poll_s`` seconds
