@@ -147,8 +147,10 @@ def test_losing_a_reward_replica_mid_run_costs_retries_not_scores(
     steps = 4
     config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, correctness_replicas=2)
     run_dir = tmp_path / "run"
-    # Pinned as bench/pipeline.py runs it: rewards and rollout on CPU 0, the trainer on CPU 1.
-    pins = ("--pin", "rollout=0", "--pin", "reward=0", "--pin", "trainer=1")
+    # Pinned as bench/pipeline.py runs it: rewards and rollout on CPU 0, the trainer on CPU 1. Without
+    # restarts, so the replica stays lost and the rollout must retry away from it (`gd2po up` restarting
+    # it is tests/e2e/test_stack_restart.py).
+    pins = ("--pin", "rollout=0", "--pin", "reward=0", "--pin", "trainer=1", "--restart", "no")
     process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url}, pins)
     manifest = wait_for_manifest(run_dir, process)
     expected = {s["name"]: "1" if s["name"] == "trainer" else "0" for s in manifest["services"]}
