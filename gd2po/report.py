@@ -24,19 +24,21 @@ def series(steps: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_rewards(steps: list[dict], path: Path, ranges: dict[str, tuple[float, float]] | None = None) -> None:
-    """One panel per reward (its per-step mean, faint, and a moving average over a tenth of the run),
-    plus the range-normalised total: rewards on different scales each get their own axis."""
+    """One panel per reward (its per-step mean, faint, and a trailing mean over an eighth of the run once
+    that is 2 steps or more), plus the range-normalised total: rewards on different scales each get their
+    own axis."""
     names = reward_names(steps)
     panels = len(names) + (len(names) > 1)
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), squeeze=False)
-    window = max(1, len(steps) // 10)
+    window = len(steps) // 8
     curves = {name: series(steps, f"reward_mean/{name}") for name in names}
     if len(names) > 1:
         total = normalised_total({n: v for n, (_, v) in curves.items()}, ranges or {})
         curves["total (range-normalised)"] = (curves[names[0]][0][: len(total)], total)
     for ax, (name, (x, y)) in zip(axes[0], curves.items(), strict=False):
         ax.plot(x, y, alpha=0.35, marker=".", linewidth=0.8, label="per step")
-        ax.plot(x, moving_average(y, window), linewidth=2, label=f"mean of {window} steps")
+        if window >= 2:  # a "mean" of one step would repeat the per-step curve
+            ax.plot(x, moving_average(y, window), linewidth=2, label=f"trailing mean of {window} steps")
         ax.set(xlabel="step", title=name)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean reward")
