@@ -25,9 +25,9 @@ Method, and why:
   what only a disaggregated design pays — weight publish (trainer) and reload (rollout), reward scoring,
   Redis hops and polling. Publish and reload are shown per step so the overhead can be attributed.
 * TRL: GRPOTrainer (transformers ``generate`` then train in one process: synchronous by construction),
-  unpinned, on the same model, the same prompts in gd2po's order, the same three scorers summed with the
-  config weights, the same group size, prompts per step, max completion length and micro batch x
-  accumulation; fp32 on CPU, no reference model (beta 0), per-step time from step-end timestamps.
+  unpinned, configured from the same config by bench/_trl.py (model, prompts in gd2po's order, the
+  scorers summed with the config weights, group size, prompts per step, max completion length, batch
+  arithmetic; fp32, no reference model), per-step time from its per-batch log timestamps.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench import _trl
 from bench._common import (
     ENV,
     gd2po_up_command,
@@ -63,7 +64,7 @@ from bench._common import (
     versions,
     write_section,
 )
-from proto.config import load_config, read_config_mapping
+from proto.config import read_config_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"
@@ -217,141 +218,28 @@ def run_gd2po(
     return result
 
 
-# -- TRL --------------------------------------------------------------------------------------------
-def trl_worker(config_path: Path, steps: int, out: Path) -> None:
-    """Runs in its own process: GRPOTrainer on the gd2po job; appends one JSON line per finished step."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from proto import ScoreItem
-    from reward_service.scorers import build_scorer
-    from rollout_service.prompts import PromptSource
-
-    config = load_config(config_path)
-    trainer, ds = config.trainer, config.trainer.deepspeed
-    micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    group = config.rollout.group_size
-    if micro * accumulation != trainer.prompts_per_step * group:
-        raise ValueError("micro batch x accumulation must equal prompts_per_step x group_size")
-    source = PromptSource(
-        config.data.train_files,
-        prompt_field=config.data.prompt_field,
-        label_field=config.data.label_field,
-        seed=config.data.shuffle_seed,
-    )
-    records = source.take(steps * trainer.prompts_per_step)  # the prompts gd2po's rollout takes, in order
-    prompts = [[{"role": m.role, "content": m.content} for m in r.messages] for r in records]
-    dataset = Dataset.from_list(
-        [{"prompt": p, "label": r.label} for p, r in zip(prompts, records, strict=True)]
-    )
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    tokens = [
-        len(
-            tokenizer(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False))[
-                "input_ids"
-            ]
-        )
-        for p in prompts
-    ]
-
-    def reward_func(reward):
-        scorer = build_scorer(reward.launch.scorer, reward.launch.options)
-
-        def score(prompts, completions, label, **_):
-            items = [
-                ScoreItem(id=str(i), prompt=p, completion=c[0]["content"], label=y)
-                for i, (p, c, y) in enumerate(zip(prompts, completions, label, strict=True))
-            ]
-            return [None if isinstance(s, Exception) else float(s) for s in scorer.score(items)]
-
-        score.__name__ = reward.name
-        return score
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            with out.open("a") as handle:
-                handle.write(json.dumps({"step": state.global_step, "time": time.time()}) + "\n")
-
-    args = GRPOConfig(
-        output_dir=str(out.parent / "trl-output"),
-        max_steps=steps,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accumulation,
-        num_generations=group,
-        max_completion_length=config.model.max_response_tokens,
-        temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p,
-        learning_rate=trainer.lr,
-        lr_scheduler_type="constant",  # gd2po configures no schedule
-        weight_decay=trainer.weight_decay,
-        epsilon=trainer.loss.clip_low,
-        epsilon_high=trainer.loss.clip_high,
-        max_grad_norm=ds.get("gradient_clipping", 1.0),
-        beta=0.0,
-        reward_weights=[r.weight for r in config.rewards],
-        shuffle_dataset=False,
-        seed=config.run.seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=config.trainer.gradient_checkpointing,
-        use_vllm=False,
-        model_init_kwargs={"dtype": torch.float32},
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
-    GRPOTrainer(
-        model=str(config.model.path),
-        reward_funcs=[reward_func(r) for r in config.rewards],
-        args=args,
-        train_dataset=dataset,
-        callbacks=[StepClock()],
-    ).train()
-    with out.open("a") as handle:
-        over = sum(n > config.model.max_prompt_tokens for n in tokens)
-        info = {"prompts": len(tokens), "prompt_tokens": sum(tokens), "prompts_over_limit": over}
-        handle.write(json.dumps(info) + "\n")
-
-
+# -- TRL (bench/_trl.py) -------------------------------------------------------------------------
 def run_trl(
     config: Path, steps: int, workdir: Path, min_free: float, progress: Progress, task
 ) -> tuple[Measured, dict]:
     out = workdir / "trl.jsonl"
-    out.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "bench.pipeline",
-        "--trl-worker",
-        str(out),
-        "--config",
-        str(config),
-        "--trl-steps",
-        str(steps),
-    ]
     wait_for_memory(min_free)
     before = load()
-    with (workdir / "trl.out").open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            while process.poll() is None:
-                progress.update(task, completed=_count_lines(out))
-                time.sleep(1.0)
-        finally:
-            _stop(process)
+    process = _trl.start(config, steps, out, workdir / "trl.out", ENV)
+    try:
+        while process.poll() is None:
+            progress.update(task, completed=_count_lines(out))
+            time.sleep(1.0)
+    finally:
+        _stop(process)
     if process.returncode != 0:
         tail = (workdir / "trl.out").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"trl: worker exited with {process.returncode}\n{tail}")
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    times = [line["time"] for line in lines if "time" in line]
+    steps_logged, facts = _trl.read(out)
+    times = [line["time"] for line in steps_logged]
     progress.update(task, completed=len(times))
     wall = (times[-1] - times[0]) / (len(times) - 1)
-    info = {**lines[-1], "intervals": [round(b - a, 1) for a, b in itertools.pairwise(times)]}
+    info = {**facts, "intervals": [round(b - a, 1) for a, b in itertools.pairwise(times)]}
     return Measured(TRL, len(times), wall, load_before=before, load_after=load()), info
 
 
@@ -486,11 +374,7 @@ def main() -> None:
         default=None,
         help="Wait for this much free memory before each run (default 15: a demo stack peaks near 16 GiB; quick 6).",
     )
-    parser.add_argument("--trl-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.trl_worker:
-        trl_worker(args.config, args.trl_steps, args.trl_worker)
-        return
     steps = args.steps or (3 if args.quick else 4)
     trl_steps = args.trl_steps or 2
     min_free = args.min_free_gib if args.min_free_gib is not None else (6.0 if args.quick else 15.0)
