@@ -135,6 +135,7 @@ class PolicyEngine:
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.temperature = sampling_temperature(config)
         self.autocast_dtype = autocast_dtype(self.ds_config)  # the reference must compute the same way
+        self._measured_grad_norm: float | None = None  # see grad_norm
 
     @property
     def module(self) -> torch.nn.Module:
@@ -190,10 +191,24 @@ class PolicyEngine:
 
     def step(self) -> None:
         """After every ``backward``: an optimizer step when that backward was ``last``, else bookkeeping."""
+        if self.engine.is_gradient_accumulation_boundary() and self._norm_unreported():
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._measured_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
 
+    def _norm_unreported(self) -> bool:
+        """DeepSpeed keeps the global gradient norm only where its optimizer wrapper computes one (ZeRO,
+        fp16, bf16); in plain fp32 without ZeRO it clips with the norm and discards it (deepspeed 0.19
+        ``_take_model_step``), so the trainer measures it itself, on the gradients the boundary
+        backward has already all-reduced."""
+        engine = self.engine
+        return not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
     def grad_norm(self) -> float:
+        """Global L2 norm of the last optimizer step's gradients, before clipping (NaN before any step)."""
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._measured_grad_norm
         return float(norm) if norm is not None else float("nan")
 
     def learning_rate(self) -> float:

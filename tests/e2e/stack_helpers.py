@@ -47,10 +47,15 @@ def tiny_stack_config(
     return path
 
 
+_STARTED: list[subprocess.Popen] = []  # every run start_gd2po_up began: stop_leftover_runs ends them
+
+
 def start_gd2po_up(
     config: Path, run_dir: Path, env: dict[str, str], extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
-    return subprocess.Popen(
+    """``gd2po up`` in the background (stdout and stderr piped, as text). A run still going when its
+    test ends, passed or failed, is stopped by tests/e2e/conftest.py (:func:`stop_leftover_runs`)."""
+    process = subprocess.Popen(
         [
             *(sys.executable, "-m", "gd2po.cli", "up", str(config)),
             *("--run-dir", str(run_dir), "--no-progress", *extra),
@@ -61,6 +66,28 @@ def start_gd2po_up(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    _STARTED.append(process)
+    return process
+
+
+def stop_run(process: subprocess.Popen) -> str:
+    """Stop a running ``gd2po up`` as Ctrl-C does (SIGINT: it stops its services), SIGKILL if that takes
+    over a minute; return its output."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0]
+
+
+def stop_leftover_runs() -> None:
+    """Stop every run :func:`start_gd2po_up` began that is still going — a test that failed between
+    starting a run and finishing it would otherwise leave the whole stack running."""
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            stop_run(process)
 
 
 def finish(process: subprocess.Popen, timeout: float) -> str:
@@ -70,12 +97,7 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
     try:
         return process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGINT)
-        try:
-            output = process.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
+        output = stop_run(process)
         raise AssertionError(f"gd2po up did not finish within {timeout:.0f} s:\n{output[-4000:]}") from None
 
 

@@ -218,6 +218,7 @@ def test_rows_without_a_response_token_train_nothing_and_break_nothing(
 
     assert record["optimizer_steps"] == 1
     assert record["rows_trained"] == 4  # the empty rows are not forwarded, whatever skip_idle_rows says
-    # grad_norm is NaN by DeepSpeed's choice here: without gradient clipping it does not compute one
-    assert {k for k, v in record.items() if not math.isfinite(v)} == {"grad_norm"}
+    assert all(math.isfinite(v) for v in record.values()), record
+    # DeepSpeed reports no norm for plain fp32 without ZeRO (stage 0 here): the trainer measures it
+    assert record["grad_norm"] > 0
     assert record["entropy"] > 0
