@@ -173,7 +173,6 @@ def run_trl(runs: list[PlannedRun], seeds: list[int], steps: int, workdir: Path)
         per_step = config.trainer.prompts_per_step * config.rollout.group_size
         names = [r.name for r in config.rewards]
         launched = launches[key]
-        first_interval = logged[1]["time"] - logged[0]["time"] if len(logged) > 1 else 0.0
         curves.append(
             Curve(
                 "TRL",
@@ -182,9 +181,9 @@ def run_trl(runs: list[PlannedRun], seeds: list[int], steps: int, workdir: Path)
                 [line["time"] - launched for line in logged],
                 {n: [line["rewards"][n] for line in logged] for n in names},
                 [line["reward"] for line in logged],
-                {
-                    "startup": logged[0]["time"] - launched - first_interval,
-                },
+                # TRL logs when a batch ends, not when its first one began: its start-up cannot be told
+                # apart from its first step (a fixed step length would guess wrong: generation varies).
+                {"startup": None},
             )
         )
     return curves
@@ -228,6 +227,11 @@ def plot(curves: dict[str, list[Curve]], names: list[str], path: Path, target: f
     plt.close(figure)
 
 
+def _startup(runs: list[Curve]) -> str:
+    known = [c.extra["startup"] for c in runs if c.extra["startup"] is not None]
+    return f"{statistics.fmean(known):.1f}" if known else "—"
+
+
 def summary_lines(curves: dict[str, list[Curve]], names: list[str], target: float) -> list[str]:
     trl_wall = statistics.fmean(c.wall for c in curves["TRL"])
     lines = [
@@ -243,7 +247,7 @@ def summary_lines(curves: dict[str, list[Curve]], names: list[str], target: floa
         lines.append(
             f"| {system} GDPO | {', '.join(str(c.seed) for c in runs)} | "
             + " | ".join(finals[n] for n in names)
-            + f" | {total} | {statistics.fmean(c.extra['startup'] for c in runs):.1f} | {per_step:.2f} "
+            + f" | {total} | {_startup(runs)} | {per_step:.2f} "
             f"| {statistics.fmean(c.wall for c in runs):.1f} | "
             + ", ".join("not reached" if r is None else f"{r:.1f}" for r in reached)
             + " |"
