@@ -27,6 +27,14 @@ AUTO_PIN_HELP = (
     "(--no-auto-pin: no taskset, thread pools still sized to the halves)."
 )
 
+RESTART_HELP = (
+    "on-failure: a child that crashes once the stack is ready (Redis included) is started again "
+    "after a backoff, the trainer with --resume; no: the crash stops the run."
+)
+MAX_RESTARTS_HELP = (
+    "Restarts per child with --restart on-failure; its next crash stops the run with its log tail."
+)
+
 
 def _pins(pin: list[str]) -> dict[str, str]:
     """``["trainer=1", ...]`` → ``{"trainer": "1"}``; a malformed item or unknown role is a usage error."""
@@ -53,16 +61,8 @@ def up(
         False, help="Continue the run in --run-dir (Redis data, newest checkpoint, prompt position)."
     ),
     auto_pin: bool = typer.Option(True, help=AUTO_PIN_HELP),
-    restart: RestartMode = typer.Option(
-        RestartMode.ON_FAILURE,
-        help="on-failure: a child that crashes once the stack is ready (Redis included) is started again "
-        "after a backoff, the trainer with --resume; no: the crash stops the run.",
-    ),
-    max_restarts: int = typer.Option(
-        RestartPolicy.max_restarts,
-        min=0,
-        help="Restarts per child with --restart on-failure; its next crash stops the run with its log tail.",
-    ),
+    restart: RestartMode = typer.Option(RestartMode.ON_FAILURE, help=RESTART_HELP),
+    max_restarts: int = typer.Option(RestartPolicy.max_restarts, min=0, help=MAX_RESTARTS_HELP),
 ) -> None:
     """Start Redis, the reward services, the rollout service and the trainer; train; stop them all."""
     from gd2po.restart import policy_for
@@ -133,11 +133,16 @@ def sweep(
     progress: bool = typer.Option(True, help="Show each run's live progress view and summary."),
     pin: list[str] = typer.Option([], help=PIN_HELP + " Every run of the sweep."),
     auto_pin: bool = typer.Option(True, help=AUTO_PIN_HELP),
+    restart: RestartMode = typer.Option(
+        RestartMode.ON_FAILURE, help=RESTART_HELP + " Every run of the sweep."
+    ),
+    max_restarts: int = typer.Option(RestartPolicy.max_restarts, min=0, help=MAX_RESTARTS_HELP),
 ) -> None:
     """Run CONFIG for every combination of the --vary values × every seed, one run folder each (each a
     `gd2po up`), one after the other; then `gd2po compare` over them, with bands across seeds."""
     import time
 
+    from gd2po.restart import policy_for
     from gd2po.stack import StackError
     from gd2po.sweep import SweepError, grid, parse_vary, run_sweep
     from proto.config import ConfigError, load_config
@@ -162,6 +167,7 @@ def sweep(
             band=band,  # type: ignore[arg-type]
             pin=pins,
             auto_pin=auto_pin,
+            restart=policy_for(restart, max_restarts),
         )
     except (SweepError, StackError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)

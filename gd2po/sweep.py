@@ -32,6 +32,7 @@ import yaml
 from rich.console import Console
 
 from gd2po.compare import Band, write_comparison
+from gd2po.restart import RestartPolicy
 from gd2po.runlog import read_steps
 from proto.config import (
     ADVANTAGE_VARIANTS,
@@ -210,13 +211,14 @@ def run_sweep(
     compare: bool = True,
     pin: dict[str, str] | None = None,
     auto_pin: bool = True,
+    restart: RestartPolicy | None = None,
     console: Console | None = None,
 ) -> list[PlannedRun]:
     """Run every arm (:func:`grid` of the ``--vary`` values, or arms built by hand) × seed one after the
     other through :func:`gd2po.stack.run_stack` (each a full ``gd2po up``), then, with ``compare``, write
     ``sweep_dir/comparison``. Returns the runs. Raises SweepError before any run when a config does not
     load, and :class:`gd2po.stack.StackError` when a run fails (the runs finished before it are kept; the
-    same call resumes). ``pin`` and ``auto_pin`` are ``gd2po up``'s, for every run."""
+    same call resumes). ``pin``, ``auto_pin`` and ``restart`` are ``gd2po up``'s, for every run."""
     from gd2po.stack import run_stack
 
     console = console or Console()
@@ -246,7 +248,14 @@ def run_sweep(
         if run.run_dir.exists():
             shutil.rmtree(run.run_dir)  # an unfinished run starts again: its steps would not be comparable
         started = time.monotonic()
-        run_stack(run.config_path, run_dir=run.run_dir, progress=progress, pin=pin, auto_pin=auto_pin)
+        run_stack(
+            run.config_path,
+            run_dir=run.run_dir,
+            progress=progress,
+            pin=pin,
+            auto_pin=auto_pin,
+            restart=restart,
+        )
         durations.append(time.monotonic() - started)
         console.print(f"{where}: done in {durations[-1]:.0f} s")
     if compare:

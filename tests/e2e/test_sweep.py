@@ -43,6 +43,8 @@ def test_a_sweep_runs_every_arm_and_seed_through_the_stack_and_compares_them(tmp
             # Unpinned: the test is not about placement, and on a shared machine a child pinned to a
             # core that a foreign process saturates starves there (nice 19 behind nice 0).
             *("--no-progress", "--no-auto-pin"),
+            # gd2po up's restart policy reaches every run: with "no", a run keeps no restart log.
+            *("--restart", "no"),
         ],
         cwd=REPO_ROOT,
         env=env,
@@ -58,6 +60,7 @@ def test_a_sweep_runs_every_arm_and_seed_through_the_stack_and_compares_them(tmp
     for estimator in ("grpo", "gd2po_hard"):
         for seed in (0, 1):
             run_dir = sweep_dir / f"estimator={estimator}" / f"seed-{seed}"
+            assert not (run_dir / "restarts.jsonl").exists(), "--restart no did not reach the run"
             effective = yaml.safe_load((run_dir / "config.yaml").read_text())
             assert effective["trainer"]["advantage"]["estimator"] == estimator
             assert "tau" not in effective["trainer"]["advantage"]
