@@ -33,6 +33,7 @@ from gd2po.progress import RunReader, RunView, cold_start_progress
 from gd2po.redis_server import RedisProcess
 from gd2po.restart import CrashHistory, RestartPolicy
 from gd2po.runlog import REWARDS_FILE
+from proto.audit import AUDIT_DIR
 from proto.config import ExperimentConfig, dump_config, load_config, mask_url
 from proto.restarts import Restart, append_restart, start_log
 
@@ -295,6 +296,9 @@ class Stack:
     def _start_rewards(self) -> list[dict]:
         """Launch every reward with a ``launch`` section; return the rewards list with real URLs."""
         rewards = []
+        audit = (
+            {"GD2PO_REWARD_SERVICE_AUDIT_DIR": str(self.run_dir / AUDIT_DIR)} if self.config.run.audit else {}
+        )
         for reward in self.config.rewards:
             entry = reward.model_dump(mode="json", exclude={"launch"})
             if reward.launch is not None:
@@ -306,7 +310,7 @@ class Stack:
                         f"reward-{reward.name}-{replica}",
                         "reward_service",
                         ["--reward", reward.name, "--host", "127.0.0.1", "--port", str(port)],
-                        {},
+                        audit,
                         f"{url}/readyz",
                         replica_of=reward.name,
                     )

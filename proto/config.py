@@ -87,6 +87,11 @@ class RunConfig(_Section):
     config, and sample completions every ``run.tracking.completions_every`` steps. TensorBoard writes to
     the run folder's ``tensorboard/``. A tracker that cannot start stops the trainer at start."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    audit: bool = False
+    """Keep audit logs outside Redis in the run folder's ``audit/`` (:mod:`proto.audit`): each rollout
+    appends every group Redis acknowledged, each reward service ``gd2po up`` launches every score it
+    answered. What ``python -m bench.chaos`` reconciles against the Redis ledger; one fsync'd line per
+    group and per scored item."""
 
     @field_validator("report_to")
     @classmethod

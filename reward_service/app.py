@@ -26,6 +26,7 @@ from proto import (
     ScoreResponse,
     ScoreResult,
 )
+from proto.audit import AuditedScore, AuditLog, score_digest, score_log_path
 from proto.ops import BODY_ERRORS, ErrorBody, JSONRoute, add_ops_routes, bearer_auth, harden, set_auth_token
 from reward_service.chat_text import openrlhf_items
 from reward_service.metrics import RewardMetrics
@@ -81,6 +82,7 @@ class RewardState:
     metrics: RewardMetrics
     busy: _Busy
     on_fatal: Callable[[], None] | None = None
+    audit: AuditLog | None = None
     ready: bool = False
     failed: bool = False
 
@@ -143,6 +145,13 @@ async def _score(state: RewardState, items: list[ScoreItem], route: str) -> tupl
         metrics.items.labels(info.name, "error").inc(errors.total())
     for kind, count in errors.items():
         metrics.errors.labels(info.name, kind).inc(count)
+    if state.audit is not None:
+        now = time.time()
+        audited = [
+            AuditedScore(info.name, score_digest(item.completion, item.label), result.score, now)
+            for item, result in zip(items, results, strict=True)
+        ]
+        await run_in_threadpool(state.audit.append, audited)  # fsync'd: off the event loop
     return results, values
 
 
@@ -224,6 +233,7 @@ def create_app(
         metrics=metrics,
         busy=_Busy(settings.max_concurrent_requests),
         on_fatal=on_fatal,
+        audit=AuditLog(score_log_path(settings.audit_dir, info.name)) if settings.audit_dir else None,
     )
     app = FastAPI(title=f"gd2po reward service: {info.name}", version=info.version, lifespan=_lifespan)
     app.state.reward = state

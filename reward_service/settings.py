@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,3 +17,8 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Larger bodies get 413.")
     max_concurrent_requests: int = Field(default=64, ge=1, description="Beyond this, 429.")
     token: SecretStr | None = Field(default=None, description="Bearer token (or GD2PO_AUTH__TOKEN).")
+    audit_dir: Path | None = Field(
+        default=None,
+        description="Append every scored item (reward, digest of completion and label, score) to "
+        "<audit_dir>/scores-<reward>-<pid>.jsonl (proto.audit); `gd2po up` sets it when run.audit is on.",
+    )

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 
+from proto.audit import AuditLog, produced_log_path
 from proto.config import ExperimentConfig, mask_url
 from proto.keys import RedisKeys
 from proto.redis_conn import connect
@@ -103,6 +104,10 @@ class RolloutService:
             self.metrics,
             producer_id=config.rollout.producer_id,
         )
+        if config.run.audit:  # named after the producer id, which the loop settles
+            self.loop.producer.audit = AuditLog(
+                produced_log_path(config.run.output_dir, self.loop.producer_id)
+            )
         saved = client.hget(self.keys.prompt_position, self.loop.producer_id)
         if saved:
             prompts.restore(saved.decode())

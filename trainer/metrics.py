@@ -90,6 +90,11 @@ class TrainerMetrics:
             "gd2po_trainer_all_filtered_batches", "Batches where the filter dropped every rollout", registry=r
         )
         self.steps = Counter("gd2po_trainer_steps", "Optimizer steps", registry=r)
+        self.publish_failures = Counter(
+            "gd2po_trainer_publish_failures",
+            "Weight publishes that failed on the disk (training went on; the next publish retried)",
+            registry=r,
+        )
         for outcome in GROUP_OUTCOMES:
             self.groups.labels(outcome)
         for phase in PHASES:

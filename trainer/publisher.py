@@ -10,6 +10,7 @@ that path entirely (``trainer.publish.background``)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -60,6 +61,22 @@ def full_state_dict(
     return state
 
 
+FAULT_PUBLISH_ENV = "GD2PO_FAULT_FAIL_PUBLISH_FILE"
+"""Fault hook for chaos tests (``bench.chaos``): when this variable names a file and the file exists as
+a publish starts, the file is removed and that publish fails with an OSError, as a full or vanished disk
+would make it fail (a read-only folder does not stop root). Unset, nothing is checked."""
+
+
+def _injected_fault() -> None:
+    trigger = os.environ.get(FAULT_PUBLISH_ENV)
+    if trigger:
+        try:
+            os.remove(trigger)
+        except FileNotFoundError:
+            return
+        raise OSError(f"injected publish fault ({FAULT_PUBLISH_ENV}={trigger})")
+
+
 class WeightPublisher:
     def __init__(self, client: redis.Redis, keys: RedisKeys, root: Path, tokenizer_dir: Path, keep_last: int):
         self.client, self.keys, self.keep_last = client, keys, keep_last
@@ -67,6 +84,7 @@ class WeightPublisher:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write(self, module: torch.nn.Module, state: dict[str, torch.Tensor], step: int) -> Path:
+        _injected_fault()
         final = self.root / f"step-{step}"
         staging = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=self.root))
         try:

@@ -39,6 +39,7 @@ from trainer.step import advantages_for, train_on
 from trainer.trackers import StepRollouts, Trackers
 
 log = logging.getLogger("trainer")
+MAX_PUBLISH_FAILURES_IN_A_ROW = 3
 
 
 class UnsupportedOption(ValueError):
@@ -58,6 +59,7 @@ class Trainer:
         self.stopping = threading.Event()
         self.run_dir = Path(config.run.output_dir)
         self.keys = RedisKeys(config.redis.namespace)
+        self.publish_failures_total = self.publish_failures_in_a_row = 0
 
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self) -> FastAPI:
@@ -268,9 +270,32 @@ class Trainer:
         writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
         weights = full_state_dict(engine.module, engine.zero_stage, snapshot=publish.background and writer)
         if writer:
-            state.policy_version += 1
-            publisher.publish(engine.module, weights, state.policy_version, state.step)
+            try:
+                publisher.publish(engine.module, weights, state.policy_version + 1, state.step)
+            except OSError as exc:
+                self._publish_failed(exc)
+            else:
+                state.policy_version += 1
+                self.publish_failures_in_a_row = 0
         state.policy_version = _broadcast(state.policy_version)
+
+    def _publish_failed(self, exc: OSError) -> None:
+        """A publish that failed on the disk (full, gone, an injected fault) costs the rollout one version,
+        not the run: training goes on and the next publish retries with the same version number (with
+        ``publish.background`` the error surfaces one publish late and that version is skipped; versions
+        still only grow). A disk that keeps failing is not transient: after
+        :data:`MAX_PUBLISH_FAILURES_IN_A_ROW` the error ends the trainer (then its restart policy)."""
+        self.publish_failures_total += 1
+        self.publish_failures_in_a_row += 1
+        self.metrics.publish_failures.inc()
+        if self.publish_failures_in_a_row >= MAX_PUBLISH_FAILURES_IN_A_ROW:
+            raise exc
+        log.error(
+            "publishing weights failed (%d in a row; the trainer stops at %d): %s",
+            self.publish_failures_in_a_row,
+            MAX_PUBLISH_FAILURES_IN_A_ROW,
+            exc,
+        )
 
     def _record(
         self,
@@ -308,6 +333,7 @@ class Trainer:
                 "duplicates_total": counts.duplicate,
                 "untrainable_total": counts.untrainable,
                 "undecodable_total": counts.undecodable,
+                "publish_failures_total": self.publish_failures_total,  # by this trainer process
                 "last_step_timestamp_seconds": time.time(),
             }
         )

@@ -284,3 +284,20 @@ def test_cli_serves_a_config_reward_and_shuts_down_gracefully(tmp_path) -> None:
         process.send_signal(signal.SIGTERM)
         # uvicorn drains, runs the lifespan shutdown, then re-raises the signal it caught.
         assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+
+
+def test_the_audit_log_holds_every_answer_before_the_client_has_it(tmp_path) -> None:
+    """``audit_dir`` (run.audit under `gd2po up`): each scored item is a line keyed by the digest of its
+    completion and label, on disk before the response — the witness bench.chaos checks stored scores
+    against."""
+    from proto.audit import read_scores, score_digest
+
+    settings = ServiceSettings(audit_dir=tmp_path / "audit")
+    app = create_app(build_scorer("tool_call.correctness"), settings, name="correctness")
+    body = {"items": [*items(1), {"id": "bad", "prompt": "p", "completion": "no call", "label": G1}]}
+    with serve(app, ready_path="/readyz") as url:
+        assert httpx.post(f"{url}/v1/score", json=body).status_code == 200
+        assert read_scores(tmp_path) == {
+            ("correctness", score_digest(GOOD, G1)): {3.0},
+            ("correctness", score_digest("no call", G1)): {-3.0},
+        }

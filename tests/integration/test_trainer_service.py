@@ -30,7 +30,7 @@ from proto.keys import RedisKeys
 from proto.weights import weights_digest
 from trainer.algorithms import compute_advantages
 from trainer.metrics import PHASES
-from trainer.publisher import BackgroundPublisher, WeightPublisher
+from trainer.publisher import FAULT_PUBLISH_ENV, BackgroundPublisher, WeightPublisher
 from trainer.service import Trainer
 
 pytestmark = pytest.mark.integration
@@ -219,3 +219,45 @@ def test_published_weights_and_checkpoints_keep_their_own_number_of_folders(
         "step-2",
         "step-3",
     ]
+
+
+def test_a_failed_publish_costs_a_version_not_the_run(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault hook fails the first publish (as a full disk would): training goes on, the next publish
+    retries with the same version number, and the failure is counted in the step records and /metrics."""
+    trigger = tmp_path / "fail-next-publish"
+    trigger.touch()
+    monkeypatch.setenv(FAULT_PUBLISH_ENV, str(trigger))
+    push(redis_url, generate_groups(tiny_model_dir, 6, seed=5))
+    config = experiment(tmp_path, tiny_model_dir, redis_url, 0, total_steps=3)
+    trainer = Trainer(config)
+
+    state = trainer.run()
+
+    assert not trigger.exists()  # consumed by the first publish
+    steps = read_steps(config.run.output_dir)
+    assert [s["policy_version"] for s in steps] == [0, 1, 2]
+    assert [s["publish_failures_total"] for s in steps] == [1, 1, 1]
+    assert state.policy_version == 2
+    assert sorted(p.name for p in (Path(config.run.output_dir) / "weights").glob("step-*")) == [
+        "step-2",
+        "step-3",
+    ]
+    assert trainer.metrics.publish_failures._value.get() == 1
+
+
+def test_a_disk_that_keeps_failing_stops_the_trainer(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WeightPublisher, "write", no_space)
+    push(redis_url, generate_groups(tiny_model_dir, 8, seed=5))
+    config = experiment(tmp_path, tiny_model_dir, redis_url, 0, total_steps=4)
+
+    with pytest.raises(OSError, match="No space left on device"):
+        Trainer(config).run()
+
+    assert [s["publish_failures_total"] for s in read_steps(config.run.output_dir)] == [1, 2]
