@@ -45,6 +45,7 @@ from bench._common import ENV, REPO, gd2po_up_command, load, machine, utc_now, v
 from bench.chaos_ledger import Ledger, reconcile, summary
 from gd2po.models import build_tiny_model
 from gd2po.redis_server import RedisProcess
+from proto.audit import read_produced
 from proto.keys import RedisKeys
 from proto.restarts import read_restarts
 from trainer.publisher import FAULT_PUBLISH_ENV
@@ -55,7 +56,9 @@ KILLED_REPLICA = "reward-correctness-1"
 REWARD_TIMEOUT_S = 2.0
 RETRY = {"attempts": 3, "backoff_initial": 0.2, "backoff_max": 1.0, "jitter": 0.2}
 STALL_S = 3 * REWARD_TIMEOUT_S + 4.0  # past every attempt's timeout and the backoffs between them
+STALL_MAX_S = 120.0
 PUBLISH_TRIGGER = "fail-next-publish"
+PROMPTS_PER_BATCH = 2
 TAIL_BYTES = 1 << 16  # more than one step record
 
 
@@ -112,7 +115,7 @@ def chaos_config(
             "options": {"target": 100, "tolerance": 40, "unit": "chars"},
         },
     }
-    config["rollout"].update(prompts_per_batch=2, max_backlog=6, retry=RETRY)
+    config["rollout"].update(prompts_per_batch=PROMPTS_PER_BATCH, max_backlog=6, retry=RETRY)
     config["trainer"].update(total_steps=total_steps, prompts_per_step=2, max_staleness=2, lr=1e-4)
     config["trainer"]["checkpoint"] = {"every": checkpoint_every}
     config["trainer"]["publish"] = {"every": publish_every}
@@ -204,6 +207,19 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def in_sessions(sessions: set[int]) -> set[int]:
+    """Running processes whose session id is one of ``sessions``."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sessions:  # fields: state ppid pgrp session
+            found.add(int(stat.parent.name))
+    return found
+
+
 def inject(watch: StackWatch, kind: str, trigger: Path, timeout: float, rng: random.Random) -> Fault:
     """Inject one fault and wait until the stack recovered from it (raises ChaosError if it does not)."""
     services = watch.services()
@@ -215,9 +231,10 @@ def inject(watch: StackWatch, kind: str, trigger: Path, timeout: float, rng: ran
 
     if kind == "publish":
         fault.victim = "trainer (weights/)"
-        version = watch.last_record().get("policy_version", 0)
         trigger.touch()
         watch.wait(lambda: not trigger.exists(), "the trainer to attempt a publish", timeout)
+        # Read once the failing publish began: a publish under way when the file appeared succeeded.
+        version = watch.last_record().get("policy_version", 0)
         watch.wait(
             lambda: watch.last_record().get("policy_version", 0) > version,
             "a publish after the failed one",
@@ -227,11 +244,19 @@ def inject(watch: StackWatch, kind: str, trigger: Path, timeout: float, rng: ran
     elif kind == "reward_stall":
         fault.victim = STALLED_REWARD
         pid = services[STALLED_REWARD]["pid"]
+        dead_before = _dead_lettered(watch.run_dir)
+        stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(STALL_S)
-        os.kill(pid, signal.SIGCONT)
+        try:
+            # Past every attempt's timeout, and until a group was dead-lettered for it (on a loaded
+            # machine the next batch may reach the frozen service late), at most STALL_MAX_S.
+            time.sleep(STALL_S)
+            while _dead_lettered(watch.run_dir) == dead_before and time.monotonic() - stopped < STALL_MAX_S:
+                time.sleep(0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         recovered_from = time.monotonic()
-        fault.detail = f"stopped {STALL_S:.0f} s"
+        fault.detail = f"stopped {recovered_from - stopped:.0f} s"
         watch.wait(lambda: watch.serving(STALLED_REWARD), f"{STALLED_REWARD} to answer", timeout)
     else:
         name = {
@@ -313,7 +338,7 @@ def run_chaos(
                 f"[{watch.now():7.1f} s] {kind:<15} {fault.victim:<22} at step {fault.at_step:>4}: "
                 f"recovered in {fault.recovered_s:.1f} s {fault.detail}"
             )
-        returncode = process.wait(timeout=max(recover_timeout, 60 * 60))
+        returncode = process.wait(timeout=recover_timeout)  # the steps after the last fault
     except Exception as exc:  # a fault that did not recover, or a bug here: stop the run, then account
         progress(f"chaos run failed: {type(exc).__name__}: {exc}")
         returncode = stop(process) or 1
@@ -323,11 +348,17 @@ def run_chaos(
     seconds = time.monotonic() - started
     watch.services()
     time.sleep(0.5)
-    leftovers = sorted(pid for pid in watch.pids if pid_alive(pid))
+    # Every pid the run listed, and whatever still runs in their sessions (each child leads one: vLLM's
+    # engine, DeepSpeed's ranks).
+    leftovers = sorted({pid for pid in watch.pids if pid_alive(pid)} | in_sessions(watch.pids))
     with RedisProcess(run_dir / "redis", appendonly=True) as server:
         client = redis.Redis.from_url(server.url)
         try:
-            ledger = reconcile(run_dir, client, RedisKeys(), total_steps)
+            # A killed rollout may leave its last batch in Redis and not yet in its log.
+            rollout_kills = sum(f.kind == "rollout" for f in done)
+            ledger = reconcile(
+                run_dir, client, RedisKeys(), total_steps, max_unlogged=rollout_kills * PROMPTS_PER_BATCH
+            )
         finally:
             client.close()
     result = ChaosResult(
@@ -349,6 +380,11 @@ def run_chaos(
         )
     )
     return result
+
+
+def _dead_lettered(run_dir: Path) -> int:
+    """Groups the rollouts logged as dead-lettered so far (the producers' log)."""
+    return sum(p.outcome == "dead_lettered" for p in read_produced(run_dir))
 
 
 def stop(process: subprocess.Popen) -> int:

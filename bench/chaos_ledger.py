@@ -43,11 +43,14 @@ class Ledger:
     two_outcomes: list[str] = field(default_factory=list)
     """Groups in more than one of trained / stale / dead."""
     unlogged: int = 0
-    """Groups Redis has that no producer logged: written just before a rollout was killed."""
+    """Groups Redis has that no producer logged: written just before a rollout was killed. Classified
+    like logged ones; ``produced + unlogged`` is every group of the run."""
     duplicate_entries: int = 0
     """Second stream entries of one group (a producer's retried write); the trainer skips them."""
     scores_checked: int = 0
     fabricated: list[str] = field(default_factory=list)
+    pending: int = 0
+    """Stream entries read by the trainer and not acknowledged when the run ended (must be 0)."""
     steps_reached: int = 0
     total_steps: int = 0
     rollout_version_regressions: list[str] = field(default_factory=list)
@@ -73,9 +76,12 @@ def _entries(client: redis.Redis, stream: str) -> list[tuple[bytes, dict]]:
     return client.xrange(stream, "-", "+")
 
 
-def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: int) -> Ledger:
+def reconcile(
+    run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: int, max_unlogged: int | None = None
+) -> Ledger:
     """Account for every group of the run in ``run_dir`` against the Redis behind ``client`` (the run's
-    own server, restarted on its append-only file after the run)."""
+    own server, restarted on its append-only file after the run). ``max_unlogged``: how many groups may
+    be in Redis without a producer's log line (the rollout kills × prompts per batch; None: no bound)."""
     ledger = Ledger(total_steps=total_steps)
     produced = read_produced(run_dir)
     ledger.produced = len(produced)
@@ -103,10 +109,12 @@ def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: 
     ledger.trained_twice = sorted(g for g, n in trained_ids.items() if n > 1)
     ledger.trained = len(trained_ids)
 
-    ledger.unlogged = len(
-        (set(groups) | {g for g, lt in letters.items() if lt.source == "rollout"}) - set(logged)
-    )
-    for group_id, record in logged.items():
+    # Every group either witness knows of: logged by a producer, or in Redis (a rollout killed between
+    # Redis' reply and its log append leaves a group only Redis knows; `max_unlogged` bounds those).
+    rollout_letters = {g for g, letter in letters.items() if letter.source == "rollout"}
+    unlogged = (set(groups) | rollout_letters) - set(logged)
+    ledger.unlogged = len(unlogged)
+    for group_id in [*logged, *sorted(unlogged)]:
         outcomes = [
             name
             for name, members in (("trained", trained_set), ("stale", stale_set), ("dead", dead_set))
@@ -114,10 +122,14 @@ def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: 
         ]
         if len(outcomes) > 1:
             ledger.two_outcomes.append(group_id)
-        if record.outcome == "published":
-            ledger.published += 1
-            if group_id not in groups:
+        record = logged.get(group_id)
+        if record is None or record.outcome == "published":
+            ledger.published += record is not None
+            if group_id not in groups and group_id not in rollout_letters:
                 ledger.lost.append(group_id)  # acknowledged by Redis, gone after its restart
+            elif group_id in rollout_letters:
+                if group_id not in dead_set:  # dead-lettered by the rollout, unlogged
+                    ledger.lost.append(group_id)
             elif not outcomes:
                 if group_id in read:
                     ledger.lost.append(group_id)  # read by the trainer and never settled
@@ -125,6 +137,12 @@ def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: 
                     ledger.left_in_queue += 1
         elif group_id not in dead_set or group_id not in letters:
             ledger.lost.append(group_id)
+    if max_unlogged is not None and ledger.unlogged > max_unlogged:
+        ledger.problems.append(
+            f"{ledger.unlogged} group(s) in Redis that no producer logged, more than the {max_unlogged} "
+            "a rollout kill can leave: is the producers' log written?"
+        )
+    ledger.pending = _pending(client, keys)
     for group_id in dead_set:
         letter = letters.get(group_id)
         ledger.dead[letter.kind if letter else "no record"] += 1
@@ -139,18 +157,22 @@ def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: 
     for group_id, holder in [*groups.items(), *letters.items()]:
         label = (holder.metadata or {}).get("label")
         for reward, scores in (holder.rewards or {}).items():
-            for completion, score in zip(holder.completions or [], scores, strict=False):
+            if len(scores) != len(holder.completions or []):
+                ledger.fabricated.append(f"{group_id}/{reward}: {len(scores)} scores")
+                continue
+            for completion, score in zip(holder.completions or [], scores, strict=True):
                 ledger.scores_checked += 1
                 if score not in answered.get((reward, score_digest(completion.text, label)), set()):
                     ledger.fabricated.append(f"{group_id}/{reward}={score}")
 
-    last_version = -1
+    last_version: dict[str, int] = {}  # per producer: rollouts on other machines may lag each other
     for record in sorted(produced, key=lambda p: p.time):
-        if record.policy_version < last_version:
+        last = last_version.get(record.producer_id, -1)
+        if record.policy_version < last:
             ledger.rollout_version_regressions.append(
-                f"{record.group_id}: v{record.policy_version} after v{last_version}"
+                f"{record.group_id}: v{record.policy_version} after v{last}"
             )
-        last_version = max(last_version, record.policy_version)
+        last_version[record.producer_id] = max(last, record.policy_version)
     for before, after in itertools.pairwise(lineage):
         if after["policy_version"] < before["policy_version"]:
             ledger.trainer_version_regressions.append(
@@ -158,6 +180,14 @@ def reconcile(run_dir: Path, client: redis.Redis, keys: RedisKeys, total_steps: 
             )
     _judge(ledger)
     return ledger
+
+
+def _pending(client: redis.Redis, keys: RedisKeys) -> int:
+    """Entries the trainer read and never acknowledged: none may remain once a run ended at total_steps."""
+    try:
+        return int(client.xpending(keys.groups, keys.trainer_group)["pending"])
+    except redis.ResponseError:  # no consumer group: nothing was read
+        return 0
 
 
 def _read_by_trainer(client: redis.Redis, keys: RedisKeys) -> set[str]:
@@ -205,6 +235,8 @@ def _judge(ledger: Ledger) -> None:
         problems.append(
             f"the trainer's policy version went backwards: {ledger.trainer_version_regressions[:3]}"
         )
+    if ledger.pending:
+        problems.append(f"{ledger.pending} stream entries read and never acknowledged at the end")
     if ledger.dead.get("no record"):
         problems.append(f"{ledger.dead['no record']} dead group(s) without a dead letter")
 
@@ -222,6 +254,7 @@ def summary(ledger: Ledger) -> dict[str, object]:
         "trained_twice": len(ledger.trained_twice),
         "two_outcomes": len(ledger.two_outcomes),
         "unlogged": ledger.unlogged,
+        "pending": ledger.pending,
         "duplicate_entries": ledger.duplicate_entries,
         "scores_checked": ledger.scores_checked,
         "fabricated": len(ledger.fabricated),

@@ -269,22 +269,28 @@ class Trainer:
             return
         writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
         weights = full_state_dict(engine.module, engine.zero_stage, snapshot=publish.background and writer)
+        failure: OSError | None = None
         if writer:
             try:
                 publisher.publish(engine.module, weights, state.policy_version + 1, state.step)
             except OSError as exc:
-                self._publish_failed(exc)
+                if publish.background:
+                    raise  # surfaced a publish late, its version already counted: see _publish_failed
+                failure = exc
             else:
                 state.policy_version += 1
                 self.publish_failures_in_a_row = 0
-        state.policy_version = _broadcast(state.policy_version)
+        state.policy_version = _broadcast(state.policy_version)  # every rank, before rank 0 may raise
+        if failure is not None:
+            self._publish_failed(failure)
 
     def _publish_failed(self, exc: OSError) -> None:
-        """A publish that failed on the disk (full, gone, an injected fault) costs the rollout one version,
-        not the run: training goes on and the next publish retries with the same version number (with
-        ``publish.background`` the error surfaces one publish late and that version is skipped; versions
-        still only grow). A disk that keeps failing is not transient: after
-        :data:`MAX_PUBLISH_FAILURES_IN_A_ROW` the error ends the trainer (then its restart policy)."""
+        """A synchronous publish that failed on the disk (full, gone, an injected fault) costs the rollout
+        one version, not the run: training goes on and the next publish retries with the same version
+        number. A disk that keeps failing is not transient: the :data:`MAX_PUBLISH_FAILURES_IN_A_ROW`-th
+        failure in a row ends the trainer (then its restart policy). With ``publish.background`` a failed
+        write is raised one publish late, when its version was already counted, and ends the trainer as
+        any other error."""
         self.publish_failures_total += 1
         self.publish_failures_in_a_row += 1
         self.metrics.publish_failures.inc()

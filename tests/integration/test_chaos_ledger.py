@@ -150,3 +150,15 @@ def test_a_run_short_of_its_steps_is_named(run) -> None:
     run_dir, client, _ = run
     ledger = reconcile(run_dir, client, KEYS, STEPS + 5)
     assert f"the trainer reached step {STEPS} of {STEPS + 5}" in ledger.problems
+
+
+def test_groups_no_producer_logged_are_accounted_and_bounded(run) -> None:
+    """A rollout killed between Redis' reply and its log append leaves a group only Redis knows: it is
+    classified like the others, and more of them than the kills can explain is named."""
+    run_dir, client, _ = run
+    Producer(client, KEYS).publish([group("g-unlogged", 3)])  # no audit log: as if killed before it
+    ledger = reconcile(run_dir, client, KEYS, STEPS, max_unlogged=1)
+    assert ledger.ok, ledger.problems
+    assert (ledger.unlogged, ledger.left_in_queue) == (1, 3)
+    ledger = reconcile(run_dir, client, KEYS, STEPS, max_unlogged=0)
+    assert any("no producer logged" in p for p in ledger.problems)

@@ -261,3 +261,22 @@ def test_a_disk_that_keeps_failing_stops_the_trainer(
         Trainer(config).run()
 
     assert [s["publish_failures_total"] for s in read_steps(config.run.output_dir)] == [1, 2]
+
+
+def test_a_failed_background_publish_ends_the_trainer(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With publish.background the failed write of step 1 surfaces at step 2's publish, its version
+    already counted: no retry with the same number is possible, so it ends the trainer."""
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WeightPublisher, "write", no_space)
+    push(redis_url, generate_groups(tiny_model_dir, 8, seed=5))
+    config = experiment(tmp_path, tiny_model_dir, redis_url, 0, total_steps=4, publish={"background": True})
+
+    with pytest.raises(OSError, match="No space left on device"):
+        Trainer(config).run()
+
+    assert [s["publish_failures_total"] for s in read_steps(config.run.output_dir)] == [0]
