@@ -209,32 +209,20 @@ def _judge(ledger: Ledger) -> None:
     problems = ledger.problems
     if ledger.produced == 0:
         problems.append("no producer logged a group: was run.audit on?")
-    if ledger.lost:
-        problems.append(f"{len(ledger.lost)} group(s) lost, e.g. {ledger.lost[:3]}")
-    if ledger.trained_twice:
-        problems.append(
-            f"{len(ledger.trained_twice)} group(s) trained twice, e.g. {ledger.trained_twice[:3]}"
-        )
-    if ledger.two_outcomes:
-        problems.append(
-            f"{len(ledger.two_outcomes)} group(s) with two outcomes, e.g. {ledger.two_outcomes[:3]}"
-        )
-    if ledger.fabricated:
-        problems.append(
-            f"{len(ledger.fabricated)} stored score(s) no reward service answered, e.g. {ledger.fabricated[:3]}"
-        )
+    for found, what in (
+        (ledger.lost, "group(s) lost"),
+        (ledger.trained_twice, "group(s) trained twice"),
+        (ledger.two_outcomes, "group(s) with two outcomes"),
+        (ledger.fabricated, "stored score(s) no reward service answered"),
+        (ledger.rollout_version_regressions, "time(s) the rollout's policy version went backwards"),
+        (ledger.trainer_version_regressions, "time(s) the trainer's policy version went backwards"),
+    ):
+        if found:
+            problems.append(f"{len(found)} {what}, e.g. {found[:3]}")
     if ledger.scores_checked == 0:
         problems.append("no stored score to check: were the reward services' score logs on?")
     if ledger.steps_reached != ledger.total_steps:
         problems.append(f"the trainer reached step {ledger.steps_reached} of {ledger.total_steps}")
-    if ledger.rollout_version_regressions:
-        problems.append(
-            f"the rollout's policy version went backwards: {ledger.rollout_version_regressions[:3]}"
-        )
-    if ledger.trainer_version_regressions:
-        problems.append(
-            f"the trainer's policy version went backwards: {ledger.trainer_version_regressions[:3]}"
-        )
     if ledger.pending:
         problems.append(f"{ledger.pending} stream entries read and never acknowledged at the end")
     if ledger.dead.get("no record"):
