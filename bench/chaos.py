@@ -44,6 +44,7 @@ import yaml
 from bench._common import ENV, REPO, gd2po_up_command, load, machine, utc_now, versions, write_section
 from bench.chaos_ledger import Ledger, reconcile, summary
 from gd2po.models import build_tiny_model
+from gd2po.processes import pid_alive, processes_in_sessions
 from gd2po.redis_server import RedisProcess
 from proto.audit import read_produced
 from proto.keys import RedisKeys
@@ -198,28 +199,6 @@ class ChaosError(RuntimeError):
     pass
 
 
-def pid_alive(pid: int) -> bool:
-    """Running (a zombie has exited: it only waits for its parent)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
-def in_sessions(sessions: set[int]) -> set[int]:
-    """Running processes whose session id is one of ``sessions``."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[3]) in sessions:  # fields: state ppid pgrp session
-            found.add(int(stat.parent.name))
-    return found
-
-
 def inject(watch: StackWatch, kind: str, trigger: Path, timeout: float, rng: random.Random) -> Fault:
     """Inject one fault and wait until the stack recovered from it (raises ChaosError if it does not)."""
     services = watch.services()
@@ -350,7 +329,7 @@ def run_chaos(
     time.sleep(0.5)
     # Every pid the run listed, and whatever still runs in their sessions (each child leads one: vLLM's
     # engine, DeepSpeed's ranks).
-    leftovers = sorted({pid for pid in watch.pids if pid_alive(pid)} | in_sessions(watch.pids))
+    leftovers = sorted({pid for pid in watch.pids if pid_alive(pid)} | processes_in_sessions(watch.pids))
     with RedisProcess(run_dir / "redis", appendonly=True) as server:
         client = redis.Redis.from_url(server.url)
         try:

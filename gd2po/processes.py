@@ -17,6 +17,31 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, … (None once it is gone)."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Running: a zombie is not (it has exited and only waits for its parent)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
+
+
+def processes_in_sessions(sessions: set[int]) -> set[int]:
+    """Running processes whose session id is one of ``sessions`` (each child of the stack leads its own
+    session, so this finds what a child started: vLLM's engine, DeepSpeed's ranks)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields is not None and fields[0] != "Z" and int(fields[3]) in sessions:
+            found.add(int(stat.parent.name))
+    return found
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: ask the kernel to SIGTERM it when gd2po dies (Linux only)."""
     with contextlib.suppress(OSError):

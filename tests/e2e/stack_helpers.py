@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from gd2po.processes import processes_in_sessions
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -131,30 +133,9 @@ def steps_logged(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is not a leftover process: it has exited and waits for its parent.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def processes_in_session(sid: int) -> list[int]:
     """PIDs still alive in a session (each child of the stack leads its own session)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().split(")")[-1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        # fields: state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
+    return sorted(processes_in_sessions({sid}))
 
 
 def allowed_cpus(pid: int) -> str:

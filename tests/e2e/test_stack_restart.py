@@ -19,8 +19,9 @@ import httpx
 import pytest
 import redis
 import yaml
-from stack_helpers import finish, pid_alive, start_gd2po_up, steps_logged, tiny_stack_config
+from stack_helpers import finish, start_gd2po_up, steps_logged, tiny_stack_config
 
+from gd2po.processes import pid_alive
 from gd2po.redis_server import RedisProcess
 from gd2po.runlog import read_steps
 from proto.keys import RedisKeys
