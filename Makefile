@@ -16,9 +16,9 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_CONFIG ?= configs/tool_calling_smollm2_cpu.yaml
 
-.PHONY: setup system venv model ops lint test demo bench schemas clean
+.PHONY: setup system venv model ops npm lint test demo bench schemas clean
 
-setup: system venv model ops
+setup: system venv model ops npm
 
 system:  ## redis-server for the stack and tests, promtool for the alert-rule tests
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
@@ -47,6 +47,14 @@ ops: venv  ## DeepSpeed's CPU ops (shared-memory comm, fused Adam), JIT-built on
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import FusedAdamBuilder, ShareMemCommBuilder; \
 		[builder().load(verbose=False) for builder in (ShareMemCommBuilder, FusedAdamBuilder)]"
 
+SCHEMA_CHECK := deploy/grafana/schema-check
+npm: $(SCHEMA_CHECK)/node_modules/.package-lock.json  ## @grafana/schema + typescript for the dashboard check
+
+$(SCHEMA_CHECK)/node_modules/.package-lock.json: $(SCHEMA_CHECK)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm: Node.js and npm are needed for the dashboard schema test"; exit 1; }
+	npm ci --prefix $(SCHEMA_CHECK) --no-audit --no-fund --loglevel=error
+	@touch $@
+
 schemas: venv  ## generated files a test keeps current: the wire JSON schemas and docs/config.md
 	$(PY) -m proto.jsonschema
 	$(PY) -m gd2po.config_reference
@@ -70,4 +78,4 @@ bench: setup
 	$(PY) -m bench.pipeline
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache .hypothesis $(SCHEMA_CHECK)/node_modules

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from deploy_refs import exported_series_names, external_references
+from deploy_refs import (
+    DASHBOARDS,
+    RULE_FILES,
+    dashboard_exprs,
+    exported_series_names,
+    external_references,
+    rules,
+)
+from prometheus_server import PrometheusServer
 from stack_helpers import (
     allowed_cpus,
     processes_in_session,
@@ -79,11 +87,22 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     steps = 4
     config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, cold_start=True)
     run_dir = tmp_path / "run"
-    process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
-    manifest = wait_for_manifest(run_dir, process, timeout=300)
+    with PrometheusServer(tmp_path / "prometheus") as prometheus:
+        process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
+        manifest = wait_for_manifest(run_dir, process, timeout=300)
+        prometheus.set_targets(manifest["services"])
+        scrapes = check_stack_run(process, run_dir, manifest, steps, tiny_model_dir, redis_url)
+        check_prometheus(prometheus, manifest, run_dir, steps)
+    check_scrapes(scrapes, manifest)
+
+
+def check_stack_run(
+    process: subprocess.Popen, run_dir: Path, manifest: dict, steps: int, tiny_model_dir: Path, redis_url: str
+) -> dict[str, str]:
+    """The run itself: cold start, pinning, every step, artefacts, groups and reloads; returns the scrapes."""
     # The cold start ran first and the rollout and trainer start from its model.
     cold_start = Path(json.loads((run_dir / "sft.json").read_text())["model_path"])
-    assert cold_start.parent == tmp_path / "models" and (cold_start / "sft_info.json").is_file()
+    assert cold_start.parent == run_dir.parent / "models" and (cold_start / "sft_info.json").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"] == str(tiny_model_dir)
     # Asynchronous and no --pin: the cores are split between the rollout side and the trainer.
     split = split_cores(sorted(os.sched_getaffinity(0)), synchronous=False)
@@ -119,6 +138,14 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     assert versions[0] == 0 and max(versions) >= 1, versions
     assert "gd2po_rollout_policy_version" in scrapes["rollout"]
 
+    # No child (nor any grandchild in its session) survives the shutdown.
+    time.sleep(0.5)
+    leftovers = {s["name"]: processes_in_session(s["pid"]) for s in manifest["services"]}
+    assert not any(leftovers.values()), leftovers
+    return scrapes
+
+
+def check_scrapes(scrapes: dict[str, str], manifest: dict) -> None:
     # Every scrape is valid Prometheus exposition.
     for name, text in scrapes.items():
         ok, report = promtool_clean(text)
@@ -129,10 +156,38 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     missing = external_references() - exported
     assert not missing, f"deploy/ queries series no running service exports: {sorted(missing)}"
 
-    # No child (nor any grandchild in its session) survives the shutdown.
-    time.sleep(0.5)
-    leftovers = {s["name"]: processes_in_session(s["pid"]) for s in manifest["services"]}
-    assert not any(leftovers.values()), leftovers
+
+# Grafana's $__rate_interval is max($__interval + scrape interval, 4 × scrape interval); with the test's 1 s
+# scrape and a short time range that is 4 s.
+GRAFANA_VARIABLES = {"$__rate_interval": "4s", "$__interval": "1s", "$__range": "1m"}
+
+
+def check_prometheus(prometheus: PrometheusServer, manifest: dict, run_dir: Path, steps: int) -> None:
+    """A real Prometheus scraped the run with the shipped rules: at a moment mid-run (the end of the
+    second-last step) every target was up, every dashboard query evaluates without error and the
+    conflict, keep and reward panels have data; every recording and alert rule evaluated cleanly."""
+    at = read_steps(run_dir)[steps - 2]["last_step_timestamp_seconds"]
+    up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query("up", at)}
+    expected = {s["url"].removeprefix("http://") for s in manifest["services"] if s["url"]}
+    assert up == dict.fromkeys(expected, "1"), f"targets at the end of step {steps - 1}: {up}"
+
+    groups = prometheus.api("rules")["groups"]
+    evaluated = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    shipped = {rule.get("record") or rule["alert"] for path in RULE_FILES for rule in rules(path)}
+    assert set(evaluated) == shipped
+    unhealthy = {name: rule.get("lastError") for name, rule in evaluated.items() if rule["health"] != "ok"}
+    assert not unhealthy, unhealthy
+
+    empty = []
+    for dashboard in DASHBOARDS:
+        for expr in dashboard_exprs(dashboard):
+            query = expr
+            for variable, value in GRAFANA_VARIABLES.items():
+                query = query.replace(variable, value)
+            result = prometheus.query(query, at)  # fails with Prometheus's message on a query error
+            if not result and any(k in expr for k in ("conflict_ratio", "keep_ratio", "reward_mean")):
+                empty.append(expr)
+    assert not empty, f"dashboard panels without data mid-run: {empty}"
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
