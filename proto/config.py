@@ -304,6 +304,30 @@ class GD2POHardAdvantage(GDPOAdvantage):
     filter" ablation; with ``reweight: false`` too it is GDPO)."""
 
 
+class AdaptiveTauConfig(_Section):
+    """Move τ after every step toward a target drop ratio (trainer/algorithms/adaptive_tau.py; an
+    extension, not in the paper): τ ← clip(τ + gain · (target − drop ratio), tau_min, tau_max), starting
+    from ``tau``. The τ in use is exported (``gd2po_trainer_tau``, ``tau`` in metrics.jsonl) and kept in
+    checkpoints, so a resumed run continues from it."""
+
+    target_drop_ratio: float = Field(ge=0, le=1)
+    """Fraction of rollouts the filter should drop. Under the release rule at most the conflict ratio is
+    reachable: with fewer conflicting rollouts τ settles at ``tau_max``."""
+    gain: float = Field(default=0.5, gt=0, le=10)
+    """τ change per unit of drop-ratio error and step: larger moves faster and follows the per-step noise
+    more (τ jitters by about gain × the drop ratio's step-to-step spread)."""
+    tau_min: float = Field(default=0.0, ge=0, le=1)
+    """Lowest τ (0: the filter may drop nothing)."""
+    tau_max: float = Field(default=1.0, ge=0, le=1)
+    """Highest τ (1: every conflicting rollout may be dropped, as GD²PO-Hard)."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AdaptiveTauConfig:
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) is above tau_max ({self.tau_max})")
+        return self
+
+
 class GD2POSNRAdvantage(GD2POHardAdvantage):
     """GD²PO-SNR: like Hard, but a conflicting rollout is dropped only when its net signal is weak."""
 
@@ -313,6 +337,9 @@ class GD2POSNRAdvantage(GD2POHardAdvantage):
     keep_rule: Literal["release", "paper"] = "release"
     """``release``: drop conflicting rollouts with |ρ| < τ. ``paper``: keep iff |ρ| > τ, tested on every
     rollout (drops rollouts without signal; docs/algorithm.md §4.3)."""
+    adaptive_tau: AdaptiveTauConfig | None = None
+    """Null: τ stays ``tau`` for the whole run (as in the paper). Set: τ starts at ``tau`` (clipped to the
+    bounds) and follows a target drop ratio. Either keep rule: both drop more as τ rises."""
 
 
 ADVANTAGE_VARIANTS: tuple[type[_AdvantageBase], ...] = (

@@ -22,6 +22,8 @@ class TrainerState:
     policy_version: int = 0
     groups_trained: int = 0
     committing: list[str] = field(default_factory=list)
+    tau: float | None = None
+    """GD²PO-SNR's τ for the next step when ``trainer.advantage.adaptive_tau`` moves it; None otherwise."""
 
 
 def save(engine: PolicyEngine, directory: Path, state: TrainerState, keep_last: int = 3) -> None:

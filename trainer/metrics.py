@@ -27,6 +27,7 @@ SCALARS = {
     "drop_ratio": "Fraction of rollouts dropped by the conflict filter",
     "keep_ratio": "Fraction of rollouts kept",
     "rho_abs_mean_in_conflict": "Mean |ρ| over conflicting rollouts",
+    "tau": "GD²PO-SNR threshold τ the last step used (moves with trainer.advantage.adaptive_tau; 0 for other estimators)",
     "loss": "Policy loss",
     "grad_norm": "Global gradient norm before clipping",
     "learning_rate": "Learning rate",

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from proto import ScoredGroup
 from proto.config import ExperimentConfig
@@ -29,6 +30,7 @@ from proto.restarts import restart_metrics
 from proto.startup import require_model, wait_for_redis
 from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
+from trainer.algorithms.adaptive_tau import TauController
 from trainer.batching import GroupRules, TrainBatch, build_batch
 from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
@@ -60,18 +62,29 @@ class Trainer:
         self.run_dir = Path(config.run.output_dir)
         self.keys = RedisKeys(config.redis.namespace)
         self.publish_failures_total = self.publish_failures_in_a_row = 0
+        self.tau_controller: TauController | None = None  # set once a resumed checkpoint's τ is known
 
     # -- HTTP ---------------------------------------------------------------------------------
-    def metrics_app(self) -> FastAPI:
+    def metrics_app(self, *, export: bool = True) -> FastAPI:
+        """``/healthz``, ``/readyz`` and ``/metrics``; with ``export=False`` ``/metrics`` answers an empty
+        exposition (see :meth:`serve_metrics`)."""
         app = FastAPI(title="gd2po trainer")
         harden(app)
-        add_ops_routes(app, is_ready=lambda: self.ready, registry=self.metrics.registry)
+        registry = self.metrics.registry if export else CollectorRegistry()
+        add_ops_routes(app, is_ready=lambda: self.ready, registry=registry)
         return app
 
-    def serve_metrics(self) -> uvicorn.Server:
+    def serve_metrics(self, *, export: bool = True) -> uvicorn.Server:
+        """Serve the ops routes on ``trainer.host:trainer.metrics_port`` from a daemon thread.
+
+        One process per node serves them: global rank 0 with the trainer's metrics, the first process of
+        every other node (``LOCAL_RANK`` 0 of a multi-node run, one pod each) with ``export=False`` — its
+        pod still needs ``/healthz`` for the liveness probe and ``/readyz`` once its engine is up, while
+        its ``/metrics`` stays empty so Prometheus, which scrapes every trainer pod, sees one copy of
+        every ``gd2po_trainer_*`` series, the one rank 0 computes over the whole batch."""
         server = uvicorn.Server(
             uvicorn.Config(
-                self.metrics_app(),
+                self.metrics_app(export=export),
                 host=self.config.trainer.host,
                 port=self.config.trainer.metrics_port,
                 log_level="warning",
@@ -146,6 +159,7 @@ class Trainer:
                     state.policy_version, decode(announced, PolicyAnnouncement).version
                 )
             log.info("resumed at step %d, policy version %d", state.step, state.policy_version)
+        self.tau_controller = tau_controller(self.config, state.tau)
         journal = JsonlLog(self.run_dir / "metrics.jsonl")
         counts = Counts()
         uncommitted = Pulled()
@@ -248,13 +262,20 @@ class Trainer:
         timer: StepTimer,
     ) -> tuple[TrainBatch, AdvantageEstimate, dict[str, float]]:
         """Advantages over the whole batch, then the PPO update on this rank's shard of it."""
+        controller = self.tau_controller
         with timer.phase("advantages"):
             batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
-            estimate = advantages_for(batch, self.config)
+            estimate = advantages_for(batch, self.config, tau=controller.tau if controller else None)
         shard = _shard(batch.size)
         record = train_on(
             engine, batch.select(shard), estimate.advantages[shard], self.config, self.reference, timer=timer
         )
+        if controller is not None:
+            # Every rank computed the same estimate from the same broadcast batch: τ stays identical.
+            record["tau"] = controller.tau
+            state.tau = controller.update(estimate.metrics["drop_ratio"])
+        elif self.config.trainer.advantage.estimator == "gd2po_snr":
+            record["tau"] = self.config.trainer.advantage.tau
         return batch, estimate, record
 
     def _publish(
@@ -348,6 +369,22 @@ class Trainer:
         record.update(restart_metrics(self.run_dir))  # children `gd2po up` restarted so far, if it runs us
         self.metrics.record(record, estimate.group_keep.tolist())
         return record
+
+
+def tau_controller(config: ExperimentConfig, saved_tau: float | None) -> TauController | None:
+    """The controller of ``trainer.advantage.adaptive_tau`` (None when τ is fixed), starting from the τ a
+    resumed checkpoint saved, else from ``trainer.advantage.tau``."""
+    advantage = config.trainer.advantage
+    adaptive = getattr(advantage, "adaptive_tau", None)
+    if adaptive is None:
+        return None
+    return TauController(
+        target=adaptive.target_drop_ratio,
+        gain=adaptive.gain,
+        tau_min=adaptive.tau_min,
+        tau_max=adaptive.tau_max,
+        tau=advantage.tau if saved_tau is None else saved_tau,
+    )
 
 
 def _broadcast(value):

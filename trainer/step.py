@@ -16,11 +16,21 @@ from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.loss import policy_loss
 from trainer.metrics import StepTimer
 
+TRAINER_CONTROLLED = frozenset({"adaptive_tau"})
+"""``trainer.advantage`` options that configure the trainer's own controllers rather than one call of
+``compute_advantages``: adaptive τ sets the ``tau`` each step passes (trainer/algorithms/adaptive_tau.py)."""
 
-def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> AdvantageEstimate:
+
+def advantages_for(
+    batch: TrainBatch, config: ExperimentConfig, tau: float | None = None
+) -> AdvantageEstimate:
     """The configured estimator on a built batch: ``trainer.advantage`` holds exactly the options of its
-    estimator, named as ``compute_advantages``' keyword arguments."""
+    estimator, named as ``compute_advantages``' keyword arguments (``adaptive_tau`` aside: it is the
+    trainer's controller, whose current τ comes in as ``tau`` and replaces the configured one)."""
     advantage = config.trainer.advantage
+    options = advantage.model_dump(exclude={"estimator", *TRAINER_CONTROLLED})
+    if tau is not None:
+        options["tau"] = tau
     return compute_advantages(
         advantage.estimator,
         batch.rewards,
@@ -28,7 +38,7 @@ def advantages_for(batch: TrainBatch, config: ExperimentConfig) -> AdvantageEsti
         batch.response_mask,
         weights=[r.weight for r in config.rewards],
         reward_names=config.reward_names,
-        **advantage.model_dump(exclude={"estimator"}),
+        **options,
     )
 
 
