@@ -63,6 +63,25 @@ class TrainerMetrics:
             ["pair"],
             registry=r,
         )
+        # The conflict map (trainer/conflict_map.py): labels bounded by trainer.conflict_map_sources.
+        self.source_conflict = Gauge(
+            "gd2po_trainer_source_conflict_ratio",
+            "Conflict ratio over the last step's rollouts of one data source",
+            ["source"],
+            registry=r,
+        )
+        self.source_drop = Gauge(
+            "gd2po_trainer_source_drop_ratio",
+            "Fraction of one data source's rollouts dropped by the conflict filter in the last step",
+            ["source"],
+            registry=r,
+        )
+        self.source_pair_conflict = Gauge(
+            "gd2po_trainer_source_pair_conflict_ratio",
+            "Fraction of one data source's rollouts where two rewards push in opposite directions",
+            ["source", "pair"],
+            registry=r,
+        )
         self.reward_mean = Gauge("gd2po_trainer_reward_mean", "Mean raw reward", ["reward"], registry=r)
         self.reward_std = Gauge("gd2po_trainer_reward_std", "Std of raw rewards", ["reward"], registry=r)
         self.zero_std = Gauge(
@@ -103,6 +122,9 @@ class TrainerMetrics:
 
     def record(self, step: dict[str, float], keep_ratios: list[float]) -> None:
         """Push one step's flat record (see trainer.step) to the Prometheus series."""
+        # A source absent from this step has no value rather than its last one.
+        for gauge in (self.source_conflict, self.source_drop, self.source_pair_conflict):
+            gauge.clear()
         for key, value in step.items():
             if key in self.gauges:
                 self.gauges[key].set(value)
@@ -110,6 +132,13 @@ class TrainerMetrics:
                 self.group_keep.labels(key.removeprefix("group_keep_ratio_")).set(value)
             elif key.startswith("pair_conflict_ratio/"):
                 self.pair_conflict.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("source_conflict_ratio/"):
+                self.source_conflict.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("source_drop_ratio/"):
+                self.source_drop.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("source_pair_conflict_ratio/"):
+                source, pair = key.removeprefix("source_pair_conflict_ratio/").rsplit("/", 1)
+                self.source_pair_conflict.labels(source, pair).set(value)
             elif key.startswith("reward_mean/"):
                 self.reward_mean.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("reward_std/"):

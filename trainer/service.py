@@ -32,12 +32,13 @@ from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
 from trainer.algorithms.adaptive_tau import TauController
 from trainer.batching import GroupRules, TrainBatch, build_batch
+from trainer.conflict_map import SourceLabels, conflict_map
 from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
-from trainer.step import advantages_for, train_on
+from trainer.step import advantages_for, estimate_advantages, train_on
 from trainer.trackers import StepRollouts, Trackers
 
 log = logging.getLogger("trainer")
@@ -63,6 +64,7 @@ class Trainer:
         self.keys = RedisKeys(config.redis.namespace)
         self.publish_failures_total = self.publish_failures_in_a_row = 0
         self.tau_controller: TauController | None = None  # set once a resumed checkpoint's τ is known
+        self.source_labels = SourceLabels(config.trainer.conflict_map_sources)
 
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self, *, export: bool = True) -> FastAPI:
@@ -263,13 +265,23 @@ class Trainer:
     ) -> tuple[TrainBatch, AdvantageEstimate, dict[str, float]]:
         """Advantages over the whole batch, then the PPO update on this rank's shard of it."""
         controller = self.tau_controller
+        tau = controller.tau if controller else None
         with timer.phase("advantages"):
             batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
-            estimate = advantages_for(batch, self.config, tau=controller.tau if controller else None)
+            estimate = advantages_for(batch, self.config, tau=tau)
+            by_source = conflict_map(
+                batch.rewards,
+                batch.group_index,
+                batch.response_mask,
+                [str(g.metadata.get("data_source", "")) for g in groups],
+                self.source_labels,
+                lambda r, g, m: estimate_advantages(r, g, m, self.config, tau).metrics,
+            )
         shard = _shard(batch.size)
         record = train_on(
             engine, batch.select(shard), estimate.advantages[shard], self.config, self.reference, timer=timer
         )
+        record.update(by_source)
         if controller is not None:
             # Every rank computed the same estimate from the same broadcast batch: τ stays identical.
             record["tau"] = controller.tau

@@ -24,18 +24,30 @@ TRAINER_CONTROLLED = frozenset({"adaptive_tau"})
 def advantages_for(
     batch: TrainBatch, config: ExperimentConfig, tau: float | None = None
 ) -> AdvantageEstimate:
-    """The configured estimator on a built batch: ``trainer.advantage`` holds exactly the options of its
-    estimator, named as ``compute_advantages``' keyword arguments (``adaptive_tau`` aside: it is the
-    trainer's controller, whose current τ comes in as ``tau`` and replaces the configured one)."""
+    """The configured estimator on a built batch (see :func:`estimate_advantages`)."""
+    return estimate_advantages(batch.rewards, batch.group_index, batch.response_mask, config, tau)
+
+
+def estimate_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: ExperimentConfig,
+    tau: float | None = None,
+) -> AdvantageEstimate:
+    """``compute_advantages`` with the experiment's options: ``trainer.advantage`` holds exactly the options
+    of its estimator, named as its keyword arguments (``adaptive_tau`` aside: it is the trainer's
+    controller, whose current τ comes in as ``tau`` and replaces the configured one). Shapes as
+    ``compute_advantages``: rewards [N, K], group_index [N], response_mask [N, T]."""
     advantage = config.trainer.advantage
     options = advantage.model_dump(exclude={"estimator", *TRAINER_CONTROLLED})
     if tau is not None:
         options["tau"] = tau
     return compute_advantages(
         advantage.estimator,
-        batch.rewards,
-        batch.group_index,
-        batch.response_mask,
+        rewards,
+        group_index,
+        response_mask,
         weights=[r.weight for r in config.rewards],
         reward_names=config.reward_names,
         **options,

@@ -165,7 +165,8 @@ GRAFANA_VARIABLES = {"$__rate_interval": "4s", "$__interval": "1s", "$__range": 
 def check_prometheus(prometheus: PrometheusServer, manifest: dict, run_dir: Path, steps: int) -> None:
     """A real Prometheus scraped the run with the shipped rules: at a moment mid-run (the end of the
     second-last step) every target was up, every dashboard query evaluates without error and the
-    conflict, keep and reward panels have data; every recording and alert rule evaluated cleanly."""
+    conflict (per data source too), keep and reward panels have data; every recording and alert rule
+    evaluated cleanly."""
     at = read_steps(run_dir)[steps - 2]["last_step_timestamp_seconds"]
     up = {s["metric"]["instance"]: s["value"][1] for s in prometheus.query("up", at)}
     expected = {s["url"].removeprefix("http://") for s in manifest["services"] if s["url"]}
