@@ -1,6 +1,7 @@
 """``python -m trainer --config FILE [--resume]``: the DeepSpeed GD²PO trainer service.
 
-Runs single-process, or under ``torchrun --nproc-per-node N -m trainer ...`` / the deepspeed launcher.
+Runs single-process, or under ``torchrun --nproc-per-node N -m trainer ...`` / the deepspeed launcher,
+on one node or several (``torchrun --nnodes N --rdzv-backend c10d ...``, one process tree per node).
 Exit code 0 when ``trainer.total_steps`` are done.
 """
 
@@ -38,8 +39,12 @@ def main(
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     signal.signal(signal.SIGTERM, lambda *_: trainer.stopping.set())
     server = None
+    # Global rank 0 exports the metrics; the first process of every other node (its pod) serves only
+    # the health routes its probes need. torchrun sets both variables; a single process has neither.
     if int(os.environ.get("RANK", "0")) == 0:
         server = trainer.serve_metrics()
+    elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        server = trainer.serve_metrics(export=False)
     try:
         state = trainer.run()
     except StartupError as exc:

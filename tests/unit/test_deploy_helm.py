@@ -12,7 +12,9 @@ from deploy_tools import CHART, DEPLOY, helm, helm_env, promtool, run, venv_tool
 from proto.config import load_config
 
 EXAMPLE = DEPLOY / "helm" / "examples" / "cpu-external-redis.yaml"
-VALUE_SETS = {"default": [], "example": ["-f", str(EXAMPLE)]}
+# A trainer on four nodes of two ranks each: one torchrun pod per node (see the multi-node tests below).
+MULTI_NODE = ["--set", "trainer.nodes=4", "--set", "trainer.nprocPerNode=2"]
+VALUE_SETS = {"default": [], "example": ["-f", str(EXAMPLE)], "multi-node": MULTI_NODE}
 
 
 def render(tmp_path: Path, *args: str) -> list[dict]:
@@ -62,7 +64,7 @@ def test_helm_install_client_dry_run_renders_the_release(tmp_path: Path, values:
     assert installed == templated
     secret = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Secret"]
     # The chart generates the secrets on install; the example values bring an existing Secret instead.
-    assert len(secret) == (values == "default")
+    assert len(secret) == (values != "example")
     assert all(len(d["data"]["api-token"]) >= 32 for d in secret), secret
     assert "kubectl -n ml logs -f statefulset/rel-gd2po-trainer" in notes, notes
 
@@ -238,3 +240,111 @@ def test_values_schema_rejects_a_misspelt_reward_key(tmp_path: Path) -> None:
     values = reward_values(tmp_path, [{"name": "format", "scorer": "tool_call.format", "replica": 2}])
     result = run([helm(), "template", "rel", str(CHART), *values], env=helm_env(tmp_path))
     assert result.returncode != 0 and "'replica' not allowed" in result.stderr
+
+
+def trainer_objects(docs: list[dict]) -> tuple[dict, dict, list[str]]:
+    """The trainer StatefulSet, its container and that container's args."""
+    statefulset = by_kind(docs, "StatefulSet")["rel-gd2po-trainer"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return statefulset, container, container["args"]
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """torchrun's ``--flag value`` pairs, up to the ``-m`` that starts the program's own args."""
+    head = args[1 : args.index("-m")]
+    assert len(head) % 2 == 0 and all(a.startswith("--") for a in head[::2]), head
+    return dict(zip(head[::2], head[1::2], strict=True))
+
+
+def test_single_node_trainer_renders_as_before(tmp_path: Path) -> None:
+    """trainer.nodes 1 (the default) keeps the single pod of plain `trainer`: no torchrun, no rendezvous,
+    the StatefulSet's fields as before (podManagementPolicy and serviceName are immutable)."""
+    docs = render(tmp_path)
+    statefulset, container, args = trainer_objects(docs)
+    assert args == ["trainer", "--resume"]
+    assert statefulset["spec"]["replicas"] == 1
+    assert statefulset["spec"]["serviceName"] == "rel-gd2po-trainer"
+    assert "podManagementPolicy" not in statefulset["spec"]  # OrderedReady, as existing releases have it
+    assert "rel-gd2po-trainer-nodes" not in by_kind(docs, "Service")
+    assert {e["name"] for e in container["env"]}.isdisjoint({"GD2PO_NODE_RANK"})
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    # One node, several ranks: torchrun on the pod alone, as before.
+    _, _, args = trainer_objects(render(tmp_path, "--set", "trainer.nprocPerNode=4"))
+    assert args == [
+        "torchrun",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "trainer",
+        "--config",
+        "/etc/gd2po/config.yaml",
+        "--resume",
+    ]
+
+
+def test_multi_node_trainer_is_one_torchrun_pod_per_node(tmp_path: Path) -> None:
+    docs = render(tmp_path, *MULTI_NODE)
+    statefulset, container, args = trainer_objects(docs)
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 4 and spec["podManagementPolicy"] == "Parallel"
+
+    # Pod 0's stable name: <statefulset>-0.<governing headless Service>, resolvable before it is ready.
+    services = by_kind(docs, "Service")
+    nodes = services[spec["serviceName"]]
+    assert spec["serviceName"] == "rel-gd2po-trainer-nodes"
+    assert nodes["spec"]["clusterIP"] == "None" and nodes["spec"]["publishNotReadyAddresses"] is True
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert nodes["spec"]["selector"].items() <= pod_labels.items()
+    (rendezvous,) = nodes["spec"]["ports"]
+    # Prometheus keeps scraping ready pods through the metrics Service only.
+    assert "gd2po.io/metrics" not in nodes["metadata"]["labels"]
+    assert services["rel-gd2po-trainer"]["metadata"]["labels"]["gd2po.io/metrics"] == "true"
+
+    assert args[0] == "torchrun"
+    torchrun = flags(args)
+    assert torchrun == {
+        "--nnodes": "4",
+        "--nproc-per-node": "2",
+        "--node-rank": "$(GD2PO_NODE_RANK)",
+        "--rdzv-backend": "c10d",
+        "--rdzv-endpoint": f"rel-gd2po-trainer-0.rel-gd2po-trainer-nodes:{rendezvous['port']}",
+        "--rdzv-id": "rel",
+        "--max-restarts": "0",
+    }
+    assert args[args.index("-m") :] == ["-m", "trainer", "--config", "/etc/gd2po/config.yaml", "--resume"]
+    # The node rank is the pod's ordinal, from the label the StatefulSet controller sets (Kubernetes ≥ 1.28).
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GD2PO_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["rendezvous"] == rendezvous["port"] and rendezvous["targetPort"] == "rendezvous"
+
+    # Trainer pods reach each other on every port (rendezvous, then torch.distributed's own ports).
+    policy = by_kind(docs, "NetworkPolicy")["rel-gd2po-trainer"]["spec"]
+    peer = {"podSelector": {"matchLabels": nodes["spec"]["selector"]}}
+    assert {"from": [peer]} in policy["ingress"] and {"to": [peer]} in policy["egress"]
+    single = by_kind(render(tmp_path), "NetworkPolicy")["rel-gd2po-trainer"]["spec"]
+    assert {"from": [peer]} not in single["ingress"] and {"to": [peer]} not in single["egress"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Every node writes its ZeRO checkpoint shards to the weights volume and reads them all on resume.
+        (["--set", "weights.accessModes={ReadWriteOnce}"], "weights.accessModes must include ReadWriteMany"),
+        (["--kube-version", "1.27.3"], "needs Kubernetes >= 1.28"),  # no pod-index label to rank nodes by
+    ],
+    ids=["read-write-once-weights", "kubernetes-1.27"],
+)
+def test_multi_node_trainer_refuses_what_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run([helm(), "template", "rel", str(CHART), *MULTI_NODE, *args], env=helm_env(tmp_path))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    # The same values with one node are fine: the refusal is about several nodes.
+    result = run([helm(), "template", "rel", str(CHART), *args], env=helm_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_values_schema_rejects_a_trainer_with_no_nodes(tmp_path: Path) -> None:
+    result = run([helm(), "template", "rel", str(CHART), "--set", "trainer.nodes=0"], env=helm_env(tmp_path))
+    assert result.returncode != 0 and "/trainer/nodes" in result.stderr, result.stderr

@@ -124,3 +124,40 @@ readinessProbe:
 {{- end -}}
 {{- toYaml $resources -}}
 {{- end -}}
+
+{{/*
+Refuse a multi-node trainer the cluster cannot run: (dict "root" $ "name" trainerName "nodes" N).
+- Every node writes its ranks' DeepSpeed ZeRO shards into the same checkpoint folder and every node reads
+  them back on --resume, so the weights volume must be ReadWriteMany. An existing claim is checked when
+  the cluster can be asked (`lookup`; `helm template` cannot).
+- The node rank comes from the pod label apps.kubernetes.io/pod-index (Kubernetes ≥ 1.28).
+*/}}
+{{- define "gd2po.trainerNodesCheck" -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+{{- $claim := $values.weights.existingClaim -}}
+{{- if $claim -}}
+{{- $pvc := lookup "v1" "PersistentVolumeClaim" $root.Release.Namespace $claim -}}
+{{- if and $pvc (not (has "ReadWriteMany" (($pvc.spec).accessModes | default list))) -}}
+{{- fail (printf "trainer.nodes=%d: every trainer pod writes DeepSpeed checkpoint shards to the weights volume, but weights.existingClaim %q is %v, not ReadWriteMany" .nodes $claim $pvc.spec.accessModes) -}}
+{{- end -}}
+{{- else if not (has "ReadWriteMany" $values.weights.accessModes) -}}
+{{- fail (printf "trainer.nodes=%d: every trainer pod writes DeepSpeed checkpoint shards to the weights volume and reads them all on --resume, so weights.accessModes must include ReadWriteMany (got %v); use an RWX storage class (NFS, CephFS, EFS, Filestore...) or trainer.nodes: 1" .nodes $values.weights.accessModes) -}}
+{{- end -}}
+{{- if not (semverCompare ">=1.28.0-0" $root.Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "trainer.nodes=%d needs Kubernetes >= 1.28 (the pod label apps.kubernetes.io/pod-index gives each trainer pod its node rank); this cluster is %s" .nodes $root.Capabilities.KubeVersion.Version) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+podManagementPolicy and serviceName are immutable: a trainer StatefulSet made for one node cannot become
+one for several (or back) in place. Say so, instead of the API server's generic "Forbidden", when the
+cluster can be asked: (dict "root" $ "name" trainerName "nodes" N).
+*/}}
+{{- define "gd2po.trainerShapeCheck" -}}
+{{- $existing := lookup "apps/v1" "StatefulSet" .root.Release.Namespace .name -}}
+{{- $was := ($existing.spec).podManagementPolicy | default "OrderedReady" -}}
+{{- if and $existing (ne $was (ternary "Parallel" "OrderedReady" (gt .nodes 1))) -}}
+{{- fail (printf "trainer.nodes=%d: StatefulSet %s was made for %s trainer and cannot be changed in place (podManagementPolicy and serviceName are immutable). Delete it first, keeping the weights volume and its checkpoints (kubectl -n %s delete statefulset %s), then upgrade again: the new pods --resume" .nodes .name (ternary "a multi-node" "a single-node" (eq $was "Parallel")) .root.Release.Namespace .name) -}}
+{{- end -}}
+{{- end -}}
