@@ -476,6 +476,10 @@ class Stack:
                 self.check_alive()
                 still = []
                 for service in pending:
+                    if service.child.name == "trainer" and service.child.exit_code() == 0:
+                        # A short run can finish between two polls (its /readyz was up only while it
+                        # trained): done is past ready. check_alive lets this exit through as well.
+                        continue
                     try:
                         ok = client.get(service.ready_url).status_code == 200
                     except httpx.TransportError:

@@ -101,6 +101,23 @@ def test_another_child_exiting_0_is_no_crash_and_still_stops_the_run(tmp_path: P
     assert read_restarts(tmp_path) == []
 
 
+def test_a_trainer_that_finished_before_it_was_seen_ready_does_not_hold_up_the_start(tmp_path: Path) -> None:
+    """Under load a short run can train every step and exit 0 between two readiness polls; the start then
+    goes on (to the run's end) instead of polling the finished trainer's /readyz until the timeout."""
+    stack = stack_of(tmp_path)
+    trainer = add(stack, "trainer", "print('{name} done')")
+    trainer.ready_url = "http://127.0.0.1:9/readyz"  # nothing listens: it was only up while training
+    deadline = time.monotonic() + 10
+    while trainer.child.exit_code() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    stack.wait_ready(timeout=30)
+    assert time.monotonic() - started < 5
+    assert stack.trainer_done()
+    stack.stop()
+
+
 def test_restart_no_stops_at_the_first_crash(tmp_path: Path) -> None:
     stack = stack_of(tmp_path, RestartPolicy(max_restarts=0))
     add(stack, "reward-format-0", CRASH)
