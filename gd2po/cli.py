@@ -192,8 +192,9 @@ def eval_api_bank(
         "--weights",
         exists=True,
         file_okay=False,
-        help="A model folder, or a run folder (its newest weights/step-N): served by a vLLM process "
-        "started and stopped for this evaluation.",
+        help="A model folder, a PEFT adapter folder (e.g. a LoRA run's checkpoints/step-N/adapter, merged "
+        "into its base), or a run folder (its newest weights/step-N): served by a vLLM process started "
+        "and stopped for this evaluation.",
     ),
     model: str = typer.Option("policy", help="Model name to send in requests (with --url)."),
     data_dir: Path = typer.Option(Path("data/tool_calling/api_bank"), exists=True, file_okay=False),
@@ -206,11 +207,12 @@ def eval_api_bank(
     """API-Bank tool-calling accuracy (597 items, greedy), per level and overall."""
     import contextlib
     import os
+    from collections.abc import Iterator
 
     from rich.console import Console
     from rich.table import Table
 
-    from gd2po.evaluate import SERVED_NAME, evaluate_api_bank, model_folder, served
+    from gd2po.evaluate import SERVED_NAME, evaluate_api_bank, model_folder, servable, served
 
     if (url is None) == (weights is None):
         raise typer.BadParameter("give exactly one of --url and --weights", param_hint="--url / --weights")
@@ -222,8 +224,18 @@ def eval_api_bank(
         except FileNotFoundError as exc:
             raise typer.BadParameter(str(exc), param_hint="--weights") from exc
         log_path = (output.parent if output else Path("runs")) / "eval-vllm.log"
-        server = served(folder, max_model_len=max_model_len, log_path=log_path)
         model, title = SERVED_NAME, f"API-Bank · {folder}"
+
+        @contextlib.contextmanager
+        def merged_and_served(folder: Path = folder) -> Iterator[str]:
+            # A PEFT adapter folder is merged into its base first (a temporary folder, removed after).
+            with (
+                servable(folder) as weights_dir,
+                served(weights_dir, max_model_len=max_model_len, log_path=log_path) as base_url,
+            ):
+                yield base_url
+
+        server = merged_and_served()
         typer.echo(f"serving {folder} with vLLM (log {log_path})")
     with server as base_url:
         summary, _ = evaluate_api_bank(

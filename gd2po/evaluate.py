@@ -106,10 +106,14 @@ _STEP = re.compile(r"^step-(\d+)$")
 
 
 def model_folder(path: Path) -> Path:
-    """The weights to evaluate: ``path`` itself when it holds a model (config.json + safetensors), else
-    the newest complete ``weights/step-N`` of the run folder ``path``. Raises FileNotFoundError naming
-    what was looked for."""
+    """The weights to evaluate: ``path`` itself when it holds a model (config.json + safetensors) or a
+    PEFT adapter (adapter_config.json + adapter_model.safetensors, e.g. a LoRA checkpoint's
+    ``checkpoints/step-N/adapter``; :func:`servable` merges it), else the newest complete
+    ``weights/step-N`` of the run folder ``path``. Raises FileNotFoundError naming what was looked for."""
     path = Path(path)
+    if is_adapter(path):
+        adapter_base(path)  # its base must be here too: say so now, not after minutes of work
+        return path
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return path
     steps = [
@@ -121,10 +125,59 @@ def model_folder(path: Path) -> Path:
     ]
     if not steps:
         raise FileNotFoundError(
-            f"{path} is neither a model folder (config.json + *.safetensors) nor a run folder with "
-            "published weights (weights/step-N/)"
+            f"{path} is neither a model folder (config.json + *.safetensors), nor a PEFT adapter folder "
+            "(adapter_config.json + adapter_model.safetensors), nor a run folder with published weights "
+            "(weights/step-N/)"
         )
     return max(steps)[1]
+
+
+def is_adapter(path: Path) -> bool:
+    """``path`` holds a PEFT adapter in safetensors (what ``PeftModel.save_pretrained`` writes)."""
+    return (Path(path) / "adapter_config.json").is_file() and (
+        Path(path) / "adapter_model.safetensors"
+    ).is_file()
+
+
+def adapter_base(folder: Path) -> Path:
+    """The base model folder of the PEFT adapter in ``folder``: its ``base_model_name_or_path`` (the
+    trainer records ``model.path`` as an absolute path). Raises FileNotFoundError when that is not a
+    model folder on this machine."""
+    recorded = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = Path(recorded or "")
+    if not recorded or not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: the adapter's base model ({recorded!r}, adapter_config.json "
+            "base_model_name_or_path) is not a model folder on this machine; copy the base model there or "
+            "edit that field"
+        )
+    return base
+
+
+@contextlib.contextmanager
+def servable(folder: Path) -> Iterator[Path]:
+    """A model folder vLLM can serve for ``folder``: the folder itself, or for a PEFT adapter folder its
+    base model (:func:`adapter_base`) with the adapter merged in (``merge_and_unload``), written with the
+    base's tokenizer to a temporary folder that is removed when the block exits. vLLM's own LoRA serving
+    is not used: the merged folder serves at the base model's speed. Raises FileNotFoundError as
+    :func:`adapter_base`."""
+    folder = Path(folder)
+    if not is_adapter(folder):
+        yield folder
+        return
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = adapter_base(folder)
+    with tempfile.TemporaryDirectory(prefix="gd2po-merged-") as merged:
+        # fp32: the evaluation serves fp32 (``served``), and merging in a lower precision would round W + ΔW.
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        PeftModel.from_pretrained(model, folder).merge_and_unload().save_pretrained(merged)
+        AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+        yield Path(merged)
 
 
 @contextlib.contextmanager

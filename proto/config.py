@@ -420,6 +420,28 @@ class CheckpointConfig(_Section):
     """Checkpoints kept; older ones are deleted."""
 
 
+class LoraConfig(_Section):
+    """Train LoRA adapters (PEFT) instead of the full model: the base weights stay frozen, the optimizer
+    holds the adapters' parameters only, checkpoints save the adapters alone (plus the adapter in PEFT
+    format, ``checkpoints/step-N/adapter/``), and the rollout is published the merged weights
+    W + (alpha / r)·B·A (docs/operations.md, "LoRA"). Supported with ZeRO stages 0–2."""
+
+    r: int = Field(default=16, ge=1)
+    """Rank of each adapter (the inner dimension of B·A)."""
+    alpha: float = Field(default=32.0, gt=0)
+    """LoRA scaling numerator: the update is (alpha / r)·B·A (Hu et al. 2021, arXiv 2106.09685)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training. Above 0 the training forward is random, so the
+    trainer's log-probs of the current policy no longer equal the sampler's even on-policy."""
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names (suffixes, as PEFT's ``LoraConfig.target_modules``) that get an adapter, or
+    ``all-linear`` for every linear layer but the LM head. The default covers the attention and MLP
+    projections of Llama/Qwen-style models; a module sharing its weight with another (tied embeddings)
+    is refused."""
+
+
 # Keys of the flat trainer section before it was nested, and where each lives now. An old key is
 # refused naming its new place: silently accepting both spellings would leave two names per setting.
 MOVED_TRAINER_KEYS = {
@@ -491,6 +513,8 @@ class TrainerConfig(_Section):
     """Training steps; the trainer exits 0 after the last."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
+    lora: LoraConfig | None = None
+    """Null (the default) trains every weight."""
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: {
             "zero_optimization": {"stage": 2},
@@ -511,6 +535,19 @@ class TrainerConfig(_Section):
             where = "; ".join(f"{old} is now {new}" for old, new in moved.items())
             raise PydanticCustomError("moved_key", "{where}", {"where": where, "moved": moved})
         return data
+
+    @model_validator(mode="after")
+    def _lora_below_zero_3(self) -> TrainerConfig:
+        stage = (self.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+        if self.lora is not None and int(stage) == 3:
+            # ZeRO-3 partitions the frozen base as well: the merged publish and the PEFT-format adapter
+            # would have to gather both, a path not built or tested here. With LoRA the optimizer state
+            # is adapter-sized, so ZeRO-3's sharding of parameters buys little over stage 2.
+            raise ValueError(
+                "trainer.lora is not supported with ZeRO-3 (trainer.deepspeed.zero_optimization.stage: 3); "
+                "use stage 0, 1 or 2: the adapters' optimizer state is small enough not to need sharding"
+            )
+        return self
 
 
 def _moved_to(key: str) -> str:

@@ -121,12 +121,26 @@ class PolicyEngine:
         model = AutoModelForCausalLM.from_pretrained(
             config.model.path, dtype=torch.float32, attn_implementation=config.model.attn_implementation
         )
+        self.peft_model = None
+        """The PEFT wrapper when ``trainer.lora`` is set (for saving the adapter), else None."""
+        if config.trainer.lora is not None:
+            from trainer.lora import attach
+
+            # The adapters are injected into ``model`` in place and its base weights frozen; DeepSpeed
+            # trains the base model object itself, so the log-prob code below sees the module it expects.
+            self.peft_model = attach(model, config.trainer.lora, config.model.path)
+            model = self.peft_model.get_base_model()
         if config.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if self.peft_model is not None:
+                # Frozen embeddings give the checkpointed blocks inputs without grad: with re-entrant
+                # checkpointing the adapters inside them would then get no gradient at all.
+                model.enable_input_require_grads()
         model.config.use_cache = False
         # from_pretrained returns eval mode; training mode makes gradient checkpointing (when configured)
         # take effect. These models use no dropout, so log-probs are the same in both modes.
         model.train()
+        # Only trainable parameters reach the optimizer: with LoRA its state is adapter-sized.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],

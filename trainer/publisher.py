@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from proto import PolicyAnnouncement, encode
 from proto.keys import RedisKeys
 from proto.weights import weights_digest
+from trainer.lora import adapted_layers, merged_state_dict
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -43,7 +44,9 @@ def full_state_dict(
     """Every tensor in full on this rank, on CPU, each storage once (tied weights keep their first name,
     as ``save_pretrained`` does). Below ZeRO-3, CPU parameters are returned as they are unless
     ``snapshot`` asks for a copy the optimizer cannot change (a background writer needs one); ZeRO-3
-    partitions are gathered and always copied."""
+    partitions are gathered and always copied. A module holding LoRA adapters (``trainer.lora``) gives
+    the merged weights W + ΔW under the base model's names (:func:`trainer.lora.merged_state_dict`), so
+    the rollout reloads them like any full model's."""
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
@@ -52,7 +55,8 @@ def full_state_dict(
     seen: set[tuple[int, tuple[int, ...]]] = set()
     state = {}
     with gather:
-        for name, tensor in module.state_dict().items():
+        tensors = merged_state_dict(module) if adapted_layers(module) else module.state_dict()
+        for name, tensor in tensors.items():
             key = (tensor.data_ptr(), tuple(tensor.shape))
             if key in seen:
                 continue

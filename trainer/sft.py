@@ -157,7 +157,8 @@ def _sft_engine_config(config: ExperimentConfig) -> ExperimentConfig:
     }
     if (section := _mixed_precision(config)) is not None:
         deepspeed["torch_autocast"] = section
-    trainer = config.trainer.model_copy(update={"lr": sft.lr, "deepspeed": deepspeed})
+    # The cold start trains every weight and saves a full model folder: trainer.lora applies to RL only.
+    trainer = config.trainer.model_copy(update={"lr": sft.lr, "deepspeed": deepspeed, "lora": None})
     # SFT fits the model's own distribution: log-probs at temperature 1, whatever the rollout samples at.
     rollout = config.rollout.model_copy(update={"temperature": 1.0})
     return config.model_copy(update={"trainer": trainer, "rollout": rollout})

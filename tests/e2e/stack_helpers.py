@@ -159,14 +159,22 @@ TOY_PROMPTS = 64
 
 
 def toy_learning_config(
-    tmp_path: Path, model_dir: Path, *, steps: int, publish_every: int = 1, seed: int = 0
+    tmp_path: Path,
+    model_dir: Path,
+    *,
+    steps: int,
+    publish_every: int = 1,
+    seed: int = 0,
+    lr: float = 1e-4,
+    lora: dict | None = None,
 ) -> Path:
     """The learning task: the toy character policy (gd2po.models.build_toy_policy) answering short
     letter strings, scored by two generic reward services — ``short`` (closeness to 2 characters: learnt
     by ending the answer early) and ``vowel`` (the answer starts with a vowel: learnt by one logit of
     the first token). Both vary within a group from the first step, neither is reachable by chance
     alone, and they pull slightly against each other (a vowel is a character), so GD²PO filters some
-    rollouts. ``publish_every=0`` is the control: the trainer trains but the rollout never sees it."""
+    rollouts. ``publish_every=0`` is the control: the trainer trains but the rollout never sees it.
+    ``lora`` is a ``trainer.lora`` section (adapters instead of the full model)."""
     import random
 
     rng = random.Random(seed)
@@ -203,7 +211,8 @@ def toy_learning_config(
         "trainer": {
             "advantage": {"estimator": "gd2po_snr"},
             "prompts_per_step": 8,
-            "lr": 1e-4,
+            "lr": lr,
+            "lora": lora,
             "total_steps": steps,
             "max_staleness": 1,
             "publish": {"every": publish_every},

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.e2e
 STEPS = 64
 REWARDS = ("short", "vowel")
 RUN_TIMEOUT_S = 420
+LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+LORA_LR = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,10 @@ def toy_policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_toy_policy(tmp_path_factory.mktemp("toy-policy"))
 
 
-def run_learning_task(tmp_path: Path, model_dir: Path, redis_url: str, *, publish_every: int) -> list[dict]:
-    config = toy_learning_config(tmp_path, model_dir, steps=STEPS, publish_every=publish_every)
+def run_learning_task(
+    tmp_path: Path, model_dir: Path, redis_url: str, *, publish_every: int, **options
+) -> list[dict]:
+    config = toy_learning_config(tmp_path, model_dir, steps=STEPS, publish_every=publish_every, **options)
     run_dir = tmp_path / "run"
     process = start_gd2po_up(config, run_dir, {"GD2PO_REDIS__URL": redis_url})
     output = finish(process, RUN_TIMEOUT_S)
@@ -59,6 +63,19 @@ def test_gd2po_raises_the_rewards_of_the_toy_task(
     short = quarter_rise([s["reward_mean/short"] for s in steps])
     assert short.rose(), f"reward 'short' did not rise: {short.describe()}"
     # The rollout really sampled from trained policies: later groups carry newer versions.
+    assert steps[-1]["policy_version"] == STEPS
+
+
+def test_lora_training_raises_the_rewards_of_the_toy_task(
+    tmp_path: Path, toy_policy_dir: Path, redis_url: str
+) -> None:
+    """The same task, training rank-8 adapters on every linear layer (``trainer.lora``) instead of the
+    whole model, the rollout reloading the merged weights each step (bench/RESULTS.md, "LoRA")."""
+    steps = run_learning_task(tmp_path, toy_policy_dir, redis_url, publish_every=1, lr=LORA_LR, lora=LORA)
+    rise = quarter_rise(total_reward(steps))
+    assert rise.rose(), f"total reward did not rise with LoRA: {rise.describe()}"
+    short = quarter_rise([s["reward_mean/short"] for s in steps])
+    assert short.rose(), f"reward 'short' did not rise with LoRA: {short.describe()}"
     assert steps[-1]["policy_version"] == STEPS
 
 

@@ -1,5 +1,6 @@
-"""`gd2po eval api-bank --weights`: a run folder's newest published policy (or a model folder) is served by
-a vLLM process started for the evaluation, scored, and the process is gone afterwards."""
+"""`gd2po eval api-bank --weights`: a run folder's newest published policy (or a model folder, or a PEFT
+adapter folder merged into its base) is served by a vLLM process started for the evaluation, scored, and
+the process is gone afterwards."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gd2po.evaluate import model_folder
+from gd2po.evaluate import model_folder, servable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +65,52 @@ def test_url_and_weights_are_exclusive(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "exactly one of --url and --weights" in result.stderr
+
+
+def save_random_adapter(base: Path, folder: Path) -> None:
+    """A LoRA adapter on ``base`` with random A and B (PEFT's default B = 0 would be a no-op to merge)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    peft_model.save_pretrained(folder)
+
+
+def test_an_adapter_folder_is_served_merged_into_its_base(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    save_random_adapter(tiny_model_dir, adapter)
+    assert model_folder(adapter) == adapter
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        expected = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
+        with servable(adapter) as merged:
+            assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+            served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+            assert torch.allclose(served(input_ids=ids).logits, expected, atol=1e-5)
+            plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+            assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-3)
+    assert not merged.exists()  # the temporary merged folder is gone after the evaluation
+    with servable(tiny_model_dir) as folder:
+        assert folder == tiny_model_dir
+
+
+def test_an_adapter_whose_base_is_not_here_is_refused_naming_the_field(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    adapter = tmp_path / "adapter"
+    save_random_adapter(tiny_model_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path"):
+        model_folder(adapter)

@@ -280,3 +280,29 @@ def test_the_config_reference_documents_every_key() -> None:
     assert rows and all(not line.rstrip().endswith("|  |") for line in rows), [
         line for line in rows if line.rstrip().endswith("|  |")
     ]
+
+
+def test_lora_is_off_by_default_and_set_from_the_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_config(DEMO).trainer.lora is None  # full fine-tuning, as before the section existed
+    lora = load_config(_write(tmp_path, "trainer:\n  lora: {r: 8, alpha: 16, target_modules: [q_proj]}\n"))
+    assert lora.trainer.lora.model_dump() == {
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": ["q_proj"],
+    }
+    monkeypatch.setenv("GD2PO_TRAINER__LORA__R", "4")
+    monkeypatch.setenv("GD2PO_TRAINER__LORA__TARGET_MODULES", "all-linear")
+    section = load_config(DEMO).trainer.lora
+    assert (section.r, section.alpha, section.target_modules) == (4, 32.0, "all-linear")
+
+
+def test_lora_with_zero_3_is_refused_naming_the_stages_that_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.lora is not supported with ZeRO-3 .*use stage 0, 1 or 2"):
+        load_config(
+            _write(tmp_path, "trainer:\n  lora: {r: 8}\n  deepspeed: {zero_optimization: {stage: 3}}\n")
+        )
+    with pytest.raises(ConfigError, match=r"trainer\.lora\.r"):
+        load_config(_write(tmp_path, "trainer:\n  lora: {r: 0}\n"))
