@@ -76,3 +76,23 @@ def gd2po_up_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
         *(sys.executable, "-m", "gd2po.cli", "up", str(config)),
         *("--run-dir", str(run_dir), "--no-progress", *extra),
     ]
+
+
+DEMO_GROUP_SHAPE = (550, 70, 4)
+"""(prompt tokens, answer tokens, rollouts) of one demo group: the shape the trainer benches time."""
+
+
+def demo_shaped_group(vocabulary: int) -> tuple:
+    """One group of the demo's shape with random tokens (seed 0): input ids [G, P + A] (one prompt shared
+    by the G rollouts, so the trainer forwards it once), attention mask [G, P + A] and response mask
+    [G, P + A − 1] (1 on the answer targets)."""
+    import torch
+
+    prompt_len, answer_len, group = DEMO_GROUP_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocabulary, (1, prompt_len), generator=generator).expand(group, prompt_len)
+    answers = torch.randint(0, vocabulary, (group, answer_len), generator=generator)
+    ids = torch.cat([prompt, answers], dim=1)
+    response = torch.zeros(group, prompt_len + answer_len - 1)
+    response[:, prompt_len - 1 :] = 1
+    return ids, torch.ones_like(ids), response

@@ -25,20 +25,21 @@ from pathlib import Path
 
 import torch
 
-from bench._common import ENV, REPO, load, machine, utc_now, versions, write_section
+from bench._common import (
+    DEMO_GROUP_SHAPE,
+    ENV,
+    REPO,
+    demo_shaped_group,
+    load,
+    machine,
+    utc_now,
+    versions,
+    write_section,
+)
 
 DEMO = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"
-PROMPT, ANSWER, GROUP = 550, 70, 4
+PROMPT, ANSWER, GROUP = DEMO_GROUP_SHAPE
 ARMS = ("full", "lora")
-
-
-def _group(vocabulary: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocabulary, (1, PROMPT), generator=generator).expand(GROUP, PROMPT)
-    ids = torch.cat([prompt, torch.randint(0, vocabulary, (GROUP, ANSWER), generator=generator)], dim=1)
-    response = torch.zeros(GROUP, PROMPT + ANSWER - 1)
-    response[:, PROMPT - 1 :] = 1
-    return ids, torch.ones_like(ids), response
 
 
 def _tensor_bytes(value: object) -> int:
@@ -71,7 +72,7 @@ def measure(arm: str, model: Path, repeats: int) -> dict[str, float]:
         "gradient_accumulation_steps": 1,
     }
     engine = PolicyEngine(config)
-    rows = _group(engine.module.config.vocab_size)
+    rows = demo_shaped_group(engine.module.config.vocab_size)
     times = []
     for repeat in range(repeats + 1):
         started = time.perf_counter()

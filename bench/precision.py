@@ -19,12 +19,21 @@ from pathlib import Path
 
 import torch
 
-from bench._common import REPO, load, machine, utc_now, versions, write_section
+from bench._common import (
+    DEMO_GROUP_SHAPE,
+    REPO,
+    demo_shaped_group,
+    load,
+    machine,
+    utc_now,
+    versions,
+    write_section,
+)
 from proto.config import load_config
 from trainer.engine import PolicyEngine
 
 DEMO = REPO / "configs" / "tool_calling_smollm2_cpu.yaml"
-PROMPT, ANSWER, GROUP = 550, 70, 4
+PROMPT, ANSWER, GROUP = DEMO_GROUP_SHAPE
 ARMS = [("fp32", None), ("fp32", "eager"), ("bf16 autocast", None), ("bf16 autocast", "eager")]
 
 
@@ -44,15 +53,6 @@ def _engine(model: Path, autocast: bool, attn: str | None) -> PolicyEngine:
     return PolicyEngine(config)
 
 
-def _group(vocabulary: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocabulary, (1, PROMPT), generator=generator).expand(GROUP, PROMPT)
-    ids = torch.cat([prompt, torch.randint(0, vocabulary, (GROUP, ANSWER), generator=generator)], dim=1)
-    response = torch.zeros(GROUP, PROMPT + ANSWER - 1)
-    response[:, PROMPT - 1 :] = 1
-    return ids, torch.ones_like(ids), response
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -66,7 +66,7 @@ def main() -> None:
     logprobs: dict[str, torch.Tensor] = {}
     for precision, attn in ARMS:
         engine = _engine(args.model, precision != "fp32", attn)
-        rows = _group(engine.module.config.vocab_size)
+        rows = demo_shaped_group(engine.module.config.vocab_size)
         times = []
         for repeat in range(args.repeats + 1):
             started = time.perf_counter()
@@ -95,7 +95,7 @@ def main() -> None:
     for (precision, attn), times in seconds.items():
         median = statistics.median(times)
         lines.append(f"| {precision} | {attn or 'sdpa (default)'} | {median:.2f} | {base / median:.2f}× |")
-    mask = _group(1)[2].bool()
+    mask = demo_shaped_group(1)[2].bool()
     delta = (logprobs["bf16 autocast"] - logprobs["fp32"])[mask].abs()
     lines += [
         "",

@@ -18,7 +18,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_trainer_service import VLLM_LOGPROBS  # the same vLLM-CPU scoring script
-from trainer_data import generate_groups, push, trainer_experiment
+from test_trainer_service import experiment as service_experiment
+from trainer_data import generate_groups, push
 from transformers import AutoModelForCausalLM
 
 from gd2po.runlog import read_steps
@@ -38,27 +39,9 @@ LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "d
 def experiment(
     tmp_path: Path, model_dir: Path, redis_url: str, stage: int, lora: dict | None, **trainer
 ) -> ExperimentConfig:
-    return trainer_experiment(
-        tmp_path,
-        model_dir,
-        redis_url,
-        {
-            "total_steps": 2,
-            "prompts_per_step": 2,
-            "lr": 1e-2,
-            "checkpoint": {"every": 1, "keep_last": 5},
-            "max_staleness": 8,
-            "advantage": {"estimator": "gd2po_snr"},
-            "lora": lora,
-            "deepspeed": {
-                "zero_optimization": {"stage": stage},
-                "gradient_clipping": 1.0,
-                "train_micro_batch_size_per_gpu": 4,
-                "gradient_accumulation_steps": 2,
-            },
-            **trainer,
-        },
-    )
+    """test_trainer_service's experiment, checkpointing every step, with ``trainer.lora`` set."""
+    options = {"lr": 1e-2, "checkpoint": {"every": 1, "keep_last": 5}, "lora": lora, **trainer}
+    return service_experiment(tmp_path, model_dir, redis_url, stage, **options)
 
 
 def optimizer_state_numel(engine: PolicyEngine) -> int:

@@ -11,26 +11,18 @@ import type * as TimeSeries from '@grafana/schema/dist/esm/raw/composable/timese
 
 // Dashboard JSON holds an enum's values, not TypeScript enum members: map every string enum to the
 // union of its values, recursively. Object types stay exact, so unknown keys are still excess properties.
-type Json<T> = T extends string
+// With Sparse = true every key becomes optional: panel options are saved sparsely (Grafana fills its
+// defaults), but a key must still exist in the panel plugin's options schema.
+type Json<T, Sparse extends boolean = false> = T extends string
   ? string extends T ? string : `${T}`
   : T extends number | boolean | null | undefined
     ? T
     : T extends Array<infer U>
-      ? Array<Json<U>>
+      ? Array<Json<U, Sparse>>
       : T extends object
-        ? { [K in keyof T]: Json<T[K]> }
-        : T;
-
-// Panel options are saved sparsely (Grafana fills its defaults), so every option key is optional — but a
-// key must still exist in the panel plugin's options schema.
-type JsonPartial<T> = T extends string
-  ? string extends T ? string : `${T}`
-  : T extends number | boolean | null | undefined
-    ? T
-    : T extends Array<infer U>
-      ? Array<JsonPartial<U>>
-      : T extends object
-        ? { [K in keyof T]?: JsonPartial<T[K]> }
+        ? Sparse extends true
+          ? { [K in keyof T]?: Json<T[K], Sparse> }
+          : { [K in keyof T]: Json<T[K], Sparse> }
         : T;
 
 // Grafana types a panel's targets as Record<string, unknown>; every gd2po panel queries Prometheus, whose
@@ -51,7 +43,7 @@ interface PrometheusQuery extends DataQuery {
 // (composable panelcfg kinds) type it. A dashboard that adds a panel type adds it here.
 type PanelOf<Type extends string, Options> = Omit<Panel, 'type' | 'options' | 'targets'> & {
   type: Type;
-  options?: JsonPartial<Options>;
+  options?: Json<Options, true>;
   targets?: PrometheusQuery[];
 };
 type GD2POPanel =
