@@ -51,6 +51,7 @@ class TrainerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self._source_labels: dict[Gauge, set[tuple[str, ...]]] = {}  # per-source series the last step set
         self.gauges = {
             name: Gauge(f"gd2po_trainer_{name}", text, registry=r) for name, text in SCALARS.items()
         }
@@ -122,9 +123,11 @@ class TrainerMetrics:
 
     def record(self, step: dict[str, float], keep_ratios: list[float]) -> None:
         """Push one step's flat record (see trainer.step) to the Prometheus series."""
-        # A source absent from this step has no value rather than its last one.
-        for gauge in (self.source_conflict, self.source_drop, self.source_pair_conflict):
-            gauge.clear()
+        by_source: dict[Gauge, set[tuple[str, ...]]] = {
+            self.source_conflict: set(),
+            self.source_drop: set(),
+            self.source_pair_conflict: set(),
+        }
         for key, value in step.items():
             if key in self.gauges:
                 self.gauges[key].set(value)
@@ -133,12 +136,13 @@ class TrainerMetrics:
             elif key.startswith("pair_conflict_ratio/"):
                 self.pair_conflict.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("source_conflict_ratio/"):
-                self.source_conflict.labels(key.split("/", 1)[1]).set(value)
+                by_source[self.source_conflict].add((key.split("/", 1)[1],))
             elif key.startswith("source_drop_ratio/"):
-                self.source_drop.labels(key.split("/", 1)[1]).set(value)
+                by_source[self.source_drop].add((key.split("/", 1)[1],))
             elif key.startswith("source_pair_conflict_ratio/"):
-                source, pair = key.removeprefix("source_pair_conflict_ratio/").rsplit("/", 1)
-                self.source_pair_conflict.labels(source, pair).set(value)
+                by_source[self.source_pair_conflict].add(
+                    tuple(key.removeprefix("source_pair_conflict_ratio/").rsplit("/", 1))
+                )
             elif key.startswith("reward_mean/"):
                 self.reward_mean.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("reward_std/"):
@@ -147,11 +151,29 @@ class TrainerMetrics:
                 self.zero_std.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("phase/"):
                 self.phase_seconds.labels(key.split("/", 1)[1]).observe(value)
+        self._set_source_series(step, by_source)
         for ratio in keep_ratios:
             self.keep_distribution.observe(ratio)
         if step.get("all_filtered", 0.0) >= 1.0:
             self.all_filtered.inc()
         self.steps.inc()
+
+    def _set_source_series(
+        self, step: dict[str, float], by_source: dict[Gauge, set[tuple[str, ...]]]
+    ) -> None:
+        """Set this step's per-source series, then remove those of sources absent from it (so they show no
+        value rather than their last one) — in that order, so a scrape never sees a present source missing."""
+        prefixes = {
+            self.source_conflict: "source_conflict_ratio",
+            self.source_drop: "source_drop_ratio",
+            self.source_pair_conflict: "source_pair_conflict_ratio",
+        }
+        for gauge, labels in by_source.items():
+            for label in labels:
+                gauge.labels(*label).set(step["/".join((prefixes[gauge], *label))])
+            for stale in self._source_labels.get(gauge, set()) - labels:
+                gauge.remove(*stale)
+            self._source_labels[gauge] = labels
 
 
 class StepTimer:

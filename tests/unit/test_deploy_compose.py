@@ -57,10 +57,12 @@ def test_a_missing_secret_refuses_to_start(tmp_path: Path, secret: str) -> None:
 
 def test_profiles_pick_gpu_or_cpu_services(tmp_path: Path) -> None:
     gpu, cpu = rendered(tmp_path, "gpu")["services"], rendered(tmp_path, "cpu")["services"]
-    common = {"redis", "prometheus", "grafana", "reward-format", "reward-length"}
+    common = {"redis", "prometheus", "reward-format", "reward-length"}
     common |= {"reward-correctness", "reward-correctness-2"}  # the scaled reward: two replicas
     assert set(gpu) == common | {"rollout", "trainer"}
     assert set(cpu) == common | {"rollout-cpu", "trainer-cpu"}
+    # Grafana only with its own profile: `--profile cpu up` runs the stack without pulling it.
+    assert set(rendered(tmp_path, "monitoring-ui")["services"]) == common | {"grafana"}
     devices = gpu["rollout"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "deploy" not in cpu["rollout-cpu"] and cpu["rollout-cpu"]["image"] == "gd2po:cpu"
@@ -102,7 +104,7 @@ def test_prometheus_scrapes_every_gd2po_service(tmp_path: Path) -> None:
 
 
 def test_grafana_is_provisioned_with_the_dashboard(tmp_path: Path) -> None:
-    grafana = rendered(tmp_path, "cpu")["services"]["grafana"]
+    grafana = rendered(tmp_path, "monitoring-ui")["services"]["grafana"]
     mounts = {v["source"]: v["target"] for v in grafana["volumes"] if v["type"] == "bind"}
     assert mounts[str(DEPLOY / "grafana" / "provisioning")] == "/etc/grafana/provisioning"
     assert mounts[str(DEPLOY / "grafana" / "dashboards")] == "/etc/grafana/dashboards"
