@@ -317,7 +317,8 @@ class AdaptiveTauConfig(_Section):
     """τ change per unit of drop-ratio error and step: larger moves faster and follows the per-step noise
     more (τ jitters by about gain × the drop ratio's step-to-step spread)."""
     tau_min: float = Field(default=0.0, ge=0, le=1)
-    """Lowest τ (0: the filter may drop nothing)."""
+    """Lowest τ (0: under the release rule the filter drops nothing; the paper rule still drops every
+    rollout without signal, ρ = 0, so a target below that share pins τ here)."""
     tau_max: float = Field(default=1.0, ge=0, le=1)
     """Highest τ (1: every conflicting rollout may be dropped, as GD²PO-Hard)."""
 
@@ -340,6 +341,13 @@ class GD2POSNRAdvantage(GD2POHardAdvantage):
     adaptive_tau: AdaptiveTauConfig | None = None
     """Null: τ stays ``tau`` for the whole run (as in the paper). Set: τ starts at ``tau`` (clipped to the
     bounds) and follows a target drop ratio. Either keep rule: both drop more as τ rises."""
+
+    @model_validator(mode="after")
+    def _adaptive_tau_needs_the_filter(self) -> GD2POSNRAdvantage:
+        # Without the filter nothing is dropped: the drop ratio stays 0 and τ would only wind up to tau_max.
+        if self.adaptive_tau is not None and not self.filter:
+            raise ValueError("adaptive_tau steers the drop ratio, which is always 0 with filter: false")
+        return self
 
 
 ADVANTAGE_VARIANTS: tuple[type[_AdvantageBase], ...] = (

@@ -77,7 +77,7 @@ class PromptSource:
                         prompt_id=f"{Path(path).stem}:{row_index}",
                         messages=_messages(get_field(row, prompt_field), prompt_field),
                         label=None if label is None else str(label),
-                        data_source=str(row.get("data_source", "")),
+                        data_source=str(row.get("data_source") or ""),  # a null column is no "None" source
                     )
                 )
         if not self.records:

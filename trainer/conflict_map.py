@@ -13,6 +13,7 @@ later ones are counted under ``other`` (``trainer.conflict_map_sources``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +28,18 @@ Estimate = Callable[[Tensor, Tensor, Tensor], dict[str, float]]
 """(rewards [n, K], group ids [n], response mask [n, T]) → the estimator's metrics on those rollouts."""
 
 
+MAX_LABEL_CHARS = 64
+
+
+def clean_source(source: str | None) -> str:
+    """A data source as a label every consumer accepts: Prometheus takes any text, but the record keys also
+    go to the trackers, and MLflow refuses metric names with ``//`` or ``..`` or over 250 characters. Runs
+    of characters outside ``[A-Za-z0-9 _.-]`` (and ``..``) become one ``_``; at most 64 characters; empty
+    or missing → ``unknown``."""
+    text = re.sub(r"(?:[^A-Za-z0-9 _.-]|\.\.)+", "_", (source or "").strip())
+    return text[:MAX_LABEL_CHARS] or UNKNOWN
+
+
 class SourceLabels:
     """Bounded label set: a source keeps its name if it is among the first ``limit`` distinct ones seen
     (for the trainer's lifetime, so a source's label never changes mid-run), else it becomes ``other``."""
@@ -38,7 +51,7 @@ class SourceLabels:
         self.known: list[str] = []
 
     def label(self, source: str) -> str:
-        source = source or UNKNOWN
+        source = clean_source(source)
         if source in self.known:
             return source
         if len(self.known) < self.limit:

@@ -83,7 +83,7 @@ def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     by W + ΔW (``LoraLayer.get_delta_weight``: (alpha / r)·B·A in W's layout), computed out of place in
     W's dtype; the adapters' own tensors are left out and ``….base_layer.…`` names lose that part.
 
-    The merged tensors are new; the others are the module's own (copy them before an optimizer step
+    The merged tensors are new and on the CPU; the others are the module's own (copy them before an optimizer step
     changes them). Under ZeRO-3 call it inside a gather of every parameter (not supported: see
     ``proto.config.TrainerConfig``)."""
     layers = adapted_layers(module)
@@ -92,7 +92,9 @@ def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, layer in layers.items():
             weight = layer.get_base_layer().weight
             delta = layer.get_delta_weight(ADAPTER)
-            merged[f"{name}.weight"] = (weight.float() + delta.float()).to(weight.dtype)
+            # Moved to the CPU layer by layer (a no-op on CPU): on a GPU the merged copy of the whole
+            # model would otherwise sit in device memory at every publish (~26 GB for a 7B fp32 base).
+            merged[f"{name}.weight"] = (weight.float() + delta.float()).to(weight.dtype).cpu()
     state: dict[str, torch.Tensor] = {}
     for key, tensor in module.state_dict().items():
         if ".lora_" in key:

@@ -3,11 +3,13 @@
 #   docker.io   Debian's Docker engine and CLI (20.10 on bookworm, with containerd and runc); dockerd runs
 #               without systemd, and the test starts and stops its own by PID
 #   mmdebstrap  builds the Debian base image offline when no registry can be reached
+#   iproute2    `ip`, with which the test checks and restores the docker0 bridge
 set -euo pipefail
 
 missing=()
 { [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || missing+=(docker.io)
 command -v mmdebstrap > /dev/null || missing+=(mmdebstrap)
+command -v ip > /dev/null || missing+=(iproute2)  # the engine test checks and restores the docker0 bridge with it
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "install-tools: $(/usr/sbin/dockerd --version); mmdebstrap $(mmdebstrap --version | cut -d' ' -f2)"
   exit 0

@@ -136,6 +136,9 @@ def test_config_accepts_adaptive_tau_on_gd2po_snr_only() -> None:
     for estimator in ("gdpo", "gd2po_hard"):
         with pytest.raises(ConfigError, match="adaptive_tau"):
             load_config(**config_with({"estimator": estimator, "adaptive_tau": adaptive}))
+    # Without the filter nothing is dropped, so there is no drop ratio to steer.
+    with pytest.raises(ConfigError, match="filter: false"):
+        load_config(**config_with({"estimator": "gd2po_snr", "filter": False, "adaptive_tau": adaptive}))
     crossed = {"target_drop_ratio": 0.3, "tau_min": 0.9, "tau_max": 0.2}
     with pytest.raises(ConfigError, match="tau_min"):
         load_config(**config_with({"estimator": "gd2po_snr", "adaptive_tau": crossed}))

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trainer.algorithms import compute_advantages
-from trainer.conflict_map import OTHER, UNKNOWN, SourceLabels, conflict_map
+from trainer.conflict_map import MAX_LABEL_CHARS, OTHER, UNKNOWN, SourceLabels, clean_source, conflict_map
 from trainer.metrics import TrainerMetrics
 
 NAMES = ["brevity", "structure", "no_hedging"]
@@ -96,3 +96,23 @@ def test_gauges_follow_the_last_step_only() -> None:
     metrics.record({"source_conflict_ratio/rlla": 0.5}, [])
     assert samples(metrics, "gd2po_trainer_source_conflict_ratio") == {(("source", "rlla"),): 0.5}
     assert samples(metrics, "gd2po_trainer_source_drop_ratio") == {}
+
+
+@pytest.mark.parametrize(
+    ("source", "label"),
+    [
+        ("Stanford Alpaca", "Stanford Alpaca"),
+        ("hf://org/set", "hf_org_set"),  # MLflow refuses "//" in a metric name; "/" would split the key
+        ("a..b", "a_b"),  # MLflow refuses ".."
+        ("", UNKNOWN),
+        (None, UNKNOWN),
+        ("  ", UNKNOWN),
+    ],
+)
+def test_sources_become_labels_every_tracker_accepts(source, label) -> None:
+    assert clean_source(source) == label
+    assert SourceLabels(4).label(source) == label
+
+
+def test_a_long_source_is_cut() -> None:
+    assert clean_source("x" * 300) == "x" * MAX_LABEL_CHARS
