@@ -174,9 +174,11 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     return lines
 
 
-def _section(prefix: str, model: type[BaseModel], doc: str, *, skip: tuple[str, ...] = ()) -> list[str]:
+def _section(
+    prefix: str, model: type[BaseModel], doc: str, *, skip: tuple[str, ...] = (), level: int = 2
+) -> list[str]:
     """A heading for ``prefix``, the section's text, a table of its scalar keys, then its sub-sections."""
-    lines = [f"## `{prefix}`", ""]
+    lines = [f"{'#' * level} `{prefix}`", ""]
     if doc:
         lines += [doc, ""]
     rows, nested = [], []
@@ -196,7 +198,7 @@ def _section(prefix: str, model: type[BaseModel], doc: str, *, skip: tuple[str, 
         if variants:
             lines += _union(key, field, variants)
         else:
-            lines += _section(key + _suffix(field), sub, _section_doc(field, sub))
+            lines += _section(key + _suffix(field), sub, _section_doc(field, sub), level=level)
     return lines
 
 
@@ -213,6 +215,10 @@ def _union(key: str, field: FieldInfo, variants: list[type[BaseModel]]) -> list[
         rows = [(tag, f"`{name}`", "", "selects this estimator")]
         rows += [_row(option, f) for option, f in variant.model_fields.items() if option != tag]
         lines += [*_table(rows), ""]
+        for option, f in variant.model_fields.items():  # an estimator's own sub-sections (adaptive_tau)
+            sub = _model_of(f.annotation)
+            if sub is not None:
+                lines += _section(f"{key}.{option}", sub, _section_doc(f, sub), level=4)
     return lines
 
 
