@@ -319,12 +319,17 @@ class Stack:
             rewards.append(entry)
         return rewards
 
+    @staticmethod
+    def _finished(service: Service) -> bool:
+        """The trainer exited 0: its run is done, which is no death of a service."""
+        return service.child.name == "trainer" and service.child.exit_code() == 0
+
     def check_alive(self) -> None:
         """Raise if a service died — except a reward replica while another replica of it still serves.
         The start-up check: nothing is restarted before the stack is ready."""
         for service in self.services:
             code = service.child.exit_code()
-            if code is None or (service.child.name == "trainer" and code == 0):
+            if code is None or self._finished(service):
                 continue
             self._give_up(service, code)
 
@@ -476,9 +481,9 @@ class Stack:
                 self.check_alive()
                 still = []
                 for service in pending:
-                    if service.child.name == "trainer" and service.child.exit_code() == 0:
+                    if self._finished(service):
                         # A short run can finish between two polls (its /readyz was up only while it
-                        # trained): done is past ready. check_alive lets this exit through as well.
+                        # trained): done is past ready.
                         continue
                     try:
                         ok = client.get(service.ready_url).status_code == 200

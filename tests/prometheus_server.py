@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 from gd2po.ports import free_port
+from gd2po.processes import Child
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
@@ -40,7 +39,7 @@ class PrometheusServer:
         self.interval = interval
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
+        self.child: Child | None = None
 
     def __enter__(self) -> PrometheusServer:
         binary = shutil.which("prometheus")
@@ -65,43 +64,33 @@ class PrometheusServer:
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
-        self.log = (self.workdir / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
-            [
+        self.child = Child(
+            name="prometheus",
+            command=[
                 binary,
                 f"--config.file={config_path}",
                 f"--storage.tsdb.path={self.workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
             ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+            log_path=self.workdir / "prometheus.log",
+        ).start(cwd=self.workdir)
         deadline = time.monotonic() + 30
         while not self._ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.child.exit_code() is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise AssertionError(f"prometheus did not start:\n{self.log_tail()}")
+                raise AssertionError(f"prometheus did not start:\n{self.child.log_tail()}")
             time.sleep(0.2)
         return self
 
     def __exit__(self, *_exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        if self.child is not None:
+            self.child.stop()
 
     def _ready(self) -> bool:
         try:
             return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
         except httpx.TransportError:
             return False
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join((self.workdir / "prometheus.log").read_text().splitlines()[-lines:])
 
     def set_targets(self, services: list[dict]) -> None:
         """Scrape every service of a `gd2po up` manifest (``services.json``) that serves HTTP."""

@@ -123,10 +123,10 @@ class TrainerMetrics:
 
     def record(self, step: dict[str, float], keep_ratios: list[float]) -> None:
         """Push one step's flat record (see trainer.step) to the Prometheus series."""
-        by_source: dict[Gauge, set[tuple[str, ...]]] = {
-            self.source_conflict: set(),
-            self.source_drop: set(),
-            self.source_pair_conflict: set(),
+        by_source: dict[Gauge, dict[tuple[str, ...], float]] = {
+            self.source_conflict: {},
+            self.source_drop: {},
+            self.source_pair_conflict: {},
         }
         for key, value in step.items():
             if key in self.gauges:
@@ -136,13 +136,12 @@ class TrainerMetrics:
             elif key.startswith("pair_conflict_ratio/"):
                 self.pair_conflict.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("source_conflict_ratio/"):
-                by_source[self.source_conflict].add((key.split("/", 1)[1],))
+                by_source[self.source_conflict][(key.split("/", 1)[1],)] = value
             elif key.startswith("source_drop_ratio/"):
-                by_source[self.source_drop].add((key.split("/", 1)[1],))
+                by_source[self.source_drop][(key.split("/", 1)[1],)] = value
             elif key.startswith("source_pair_conflict_ratio/"):
-                by_source[self.source_pair_conflict].add(
-                    tuple(key.removeprefix("source_pair_conflict_ratio/").rsplit("/", 1))
-                )
+                pair_key = tuple(key.removeprefix("source_pair_conflict_ratio/").rsplit("/", 1))
+                by_source[self.source_pair_conflict][pair_key] = value
             elif key.startswith("reward_mean/"):
                 self.reward_mean.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("reward_std/"):
@@ -151,29 +150,22 @@ class TrainerMetrics:
                 self.zero_std.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("phase/"):
                 self.phase_seconds.labels(key.split("/", 1)[1]).observe(value)
-        self._set_source_series(step, by_source)
+        self._set_source_series(by_source)
         for ratio in keep_ratios:
             self.keep_distribution.observe(ratio)
         if step.get("all_filtered", 0.0) >= 1.0:
             self.all_filtered.inc()
         self.steps.inc()
 
-    def _set_source_series(
-        self, step: dict[str, float], by_source: dict[Gauge, set[tuple[str, ...]]]
-    ) -> None:
+    def _set_source_series(self, by_source: dict[Gauge, dict[tuple[str, ...], float]]) -> None:
         """Set this step's per-source series, then remove those of sources absent from it (so they show no
         value rather than their last one) — in that order, so a scrape never sees a present source missing."""
-        prefixes = {
-            self.source_conflict: "source_conflict_ratio",
-            self.source_drop: "source_drop_ratio",
-            self.source_pair_conflict: "source_pair_conflict_ratio",
-        }
-        for gauge, labels in by_source.items():
-            for label in labels:
-                gauge.labels(*label).set(step["/".join((prefixes[gauge], *label))])
-            for stale in self._source_labels.get(gauge, set()) - labels:
+        for gauge, values in by_source.items():
+            for label, value in values.items():
+                gauge.labels(*label).set(value)
+            for stale in self._source_labels.get(gauge, set()) - values.keys():
                 gauge.remove(*stale)
-            self._source_labels[gauge] = labels
+            self._source_labels[gauge] = set(values)
 
 
 class StepTimer:

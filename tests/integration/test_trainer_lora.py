@@ -7,18 +7,15 @@ optimizer state and trains on. (ZeRO-3 is refused at load: tests/unit/test_train
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_trainer_service import VLLM_LOGPROBS  # the same vLLM-CPU scoring script
 from test_trainer_service import experiment as service_experiment
+from test_trainer_service import served_logprobs  # the same vLLM-CPU scoring
 from trainer_data import generate_groups, push
 from transformers import AutoModelForCausalLM
 
@@ -109,15 +106,7 @@ def test_lora_publishes_merged_weights_and_saves_adapter_sized_checkpoints(
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert not torch.allclose(logprobs_of(plain, ids), expected, atol=1e-3)  # the adapters matter
     if stage == 2:  # vLLM-CPU serves the merged policy (separate process: its own runtime)
-        result = subprocess.run(
-            [sys.executable, "-c", VLLM_LOGPROBS, str(folder), json.dumps(sequence)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        line = next((x for x in result.stdout.splitlines() if x.startswith("LOGPROBS=")), None)
-        assert line is not None, result.stdout[-2000:] + result.stderr[-2000:]
-        vllm_logprobs = torch.tensor(json.loads(line.removeprefix("LOGPROBS="))[1:])
+        vllm_logprobs = served_logprobs(folder, sequence)
         assert torch.allclose(vllm_logprobs, expected[0], atol=2e-3)
 
     # The checkpoint's adapter in PEFT format: loads on the base and scores as the trainer does.

