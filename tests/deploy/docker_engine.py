@@ -40,6 +40,9 @@ class EngineError(RuntimeError):
 
 
 def pid_alive(pid: int) -> bool:
+    """Signalable, zombies included — unlike gd2po.processes.pid_alive, which counts a zombie as gone. The
+    stop loop must keep calling waitpid until dockerd is reaped: a Go daemon's leader turns zombie while
+    its other threads still exit, and WNOHANG cannot reap it yet (tried: /proc/<pid> was left behind)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
