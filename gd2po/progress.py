@@ -35,15 +35,15 @@ from proto.stream import QueueState, queue_state
 class Snapshot:
     """One moment of a run, as the live view shows it.
 
-    ``steps``: the trainer's step records so far (metrics.jsonl, oldest first); ``rollout``: the
-    rollout's unlabelled metric samples by name (empty when it did not answer); ``queue``: the queue
+    ``steps``: the trainer's step records so far (metrics.jsonl, oldest first); ``rollout``: per rollout
+    replica, its unlabelled metric samples by name (empty when it did not answer); ``queue``: the queue
     state (None when Redis did not answer); ``restarts``: the children ``gd2po up`` restarted after a
     crash (restarts.jsonl, oldest first)."""
 
     title: str
     total_steps: int
     steps: list[dict] = field(default_factory=list)
-    rollout: dict[str, float] = field(default_factory=dict)
+    rollout: list[dict[str, float]] = field(default_factory=list)
     queue: QueueState | None = None
     restarts: list[Restart] = field(default_factory=list)
 
@@ -52,10 +52,17 @@ class RunReader:
     """Reads :class:`Snapshot` s of one run; a context manager that owns its HTTP and Redis clients."""
 
     def __init__(
-        self, *, title: str, total_steps: int, run_dir: Path, rollout_url: str, redis_url: str, namespace: str
+        self,
+        *,
+        title: str,
+        total_steps: int,
+        run_dir: Path,
+        rollout_urls: list[str],
+        redis_url: str,
+        namespace: str,
     ):
         self.title, self.total_steps, self.run_dir = title, total_steps, Path(run_dir)
-        self.rollout_url, self.keys = rollout_url, RedisKeys(namespace)
+        self.rollout_urls, self.keys = list(rollout_urls), RedisKeys(namespace)
         self._http = httpx.Client(timeout=2.0)
         self._redis = redis.Redis.from_url(redis_url)
 
@@ -75,7 +82,7 @@ class RunReader:
             title=self.title,
             total_steps=self.total_steps,
             steps=steps,
-            rollout=_scrape(self._http, self.rollout_url),
+            rollout=[_scrape(self._http, url) for url in self.rollout_urls],
             queue=_queue(self._redis, self.keys),
             restarts=restarts,
         )
@@ -114,8 +121,16 @@ def render(snapshot: Snapshot) -> Table:
     for key in ("conflict_ratio", "drop_ratio", "keep_ratio", "loss"):
         if key in last:
             table.add_row(key, f"{last[key]:.4f}")
-    table.add_row("rollout tokens/s", f"{rollout.get('gd2po_rollout_tokens_per_second', 0.0):.1f}")
-    table.add_row("rollout policy version", f"{int(rollout.get('gd2po_rollout_policy_version', 0))}")
+    speed = sum(replica.get("gd2po_rollout_tokens_per_second", 0.0) for replica in rollout)
+    table.add_row("rollout tokens/s", f"{speed:.1f}")
+    # One version per replica ("3 / 2"): each follows the policy on its own; "?" for one not answering.
+    versions = [
+        str(int(replica["gd2po_rollout_policy_version"]))
+        if "gd2po_rollout_policy_version" in replica
+        else "?"
+        for replica in rollout
+    ]
+    table.add_row("rollout policy version", " / ".join(versions) or "?")
     # The names the services export and metrics.jsonl records (proto.stream.QUEUE_METRICS).
     queue = snapshot.queue.as_metrics() if snapshot.queue is not None else None
     for name in ("queue_lag", "queue_pending", "queue_dead_letters"):

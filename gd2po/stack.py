@@ -40,6 +40,7 @@ from proto.restarts import Restart, append_restart, start_log
 READY_TIMEOUT_S = 600.0
 log = logging.getLogger("gd2po.stack")
 ROLES = {"trainer": "trainer", "rollout_service": "rollout", "reward_service": "reward"}
+ROLLOUT = "rollout"  # Service.replica_of of rollout replicas (a reward's is "reward:<name>")
 
 
 def _count_cpus(cpu_list: str) -> int:
@@ -107,7 +108,7 @@ class Watch:
 class Service:
     child: Child
     ready_url: str | None = None
-    replica_of: str | None = None  # reward name, for reward replicas
+    replica_of: str | None = None  # "reward:<name>" or ROLLOUT: the run goes on while another replica serves
     watch: Watch = field(default_factory=Watch)
 
 
@@ -120,7 +121,7 @@ class Stack:
     services: list[Service] = field(default_factory=list)
     redis: RedisProcess | None = None
     redis_url: str = ""
-    rollout_url: str = ""
+    rollout_urls: list[str] = field(default_factory=list)
     trainer_url: str = ""
     pin: dict[str, str] = field(default_factory=dict)
     threads: dict[str, int] = field(default_factory=dict)
@@ -157,8 +158,8 @@ class Stack:
         role = ROLES[module]
         if cpus := self.pin.get(role):
             command = ["taskset", "-c", cpus, *command]  # confines the whole process tree
-        if threads := self.threads.get(role):
-            env = {**env, "OMP_NUM_THREADS": str(threads)}  # torch and vLLM-CPU size their pools by it
+        if threads := self.threads.get(role):  # torch and vLLM-CPU size their pools by it
+            env = {"OMP_NUM_THREADS": str(threads), **env}  # a caller's own split wins
         child = Child(
             name=name,
             command=command,
@@ -176,8 +177,7 @@ class Stack:
         self._start_redis()
         rewards = self._start_rewards()
         shared = {"GD2PO_REWARDS": json.dumps(rewards)}
-        rollout_port, trainer_port = free_port(), free_port()
-        self.rollout_url = f"http://127.0.0.1:{rollout_port}"
+        trainer_port = free_port()
         self.trainer_url = f"http://127.0.0.1:{trainer_port}"
         self._spawn(
             "trainer",
@@ -191,21 +191,38 @@ class Stack:
             },
             f"{self.trainer_url}/readyz",
         )
-        self._spawn(
-            "rollout",
-            "rollout_service",
-            [],
-            {
-                **shared,
-                "GD2PO_ROLLOUT__PORT": str(rollout_port),
-                "GD2PO_ROLLOUT__HOST": "127.0.0.1",
-                "GD2PO_ROLLOUT__PRODUCER_ID": "rollout-0",  # a resumed run continues its prompt order
-            },
-            f"{self.rollout_url}/readyz",
-        )
+        self._start_rollouts(shared)
         self._write_manifest()
         self.wait_ready()
         self._write_reward_info(rewards)
+
+    def _start_rollouts(self, shared: dict[str, str]) -> None:
+        """``rollout.replicas`` rollout services, each on a free port, named ``rollout`` (one) or
+        ``rollout-0``, ``rollout-1``, … They share the prompt order through Redis; several replicas split
+        the rollout role's threads between them (each vLLM CPU engine sizes its pool by OMP_NUM_THREADS)."""
+        replicas = self.config.rollout.replicas
+        threads = self.threads.get("rollout")
+        for replica in range(replicas):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            env = {
+                **shared,
+                "GD2PO_ROLLOUT__PORT": str(port),
+                "GD2PO_ROLLOUT__HOST": "127.0.0.1",
+                "GD2PO_ROLLOUT__PRODUCER_ID": f"rollout-{replica}",  # stable across restarts and --resume
+            }
+            if threads and replicas > 1:
+                env["OMP_NUM_THREADS"] = str(max(1, threads // replicas))
+            name = "rollout" if replicas == 1 else f"rollout-{replica}"
+            self._spawn(
+                name,
+                "rollout_service",
+                [],
+                env,
+                f"{url}/readyz",
+                replica_of=ROLLOUT if replicas > 1 else None,
+            )
+            self.rollout_urls.append(url)
 
     def _write_reward_info(self, rewards: list[dict]) -> None:
         """rewards.json: each reward's ``/v1/info`` (range, version), so the report can put rewards on
@@ -312,7 +329,7 @@ class Stack:
                         ["--reward", reward.name, "--host", "127.0.0.1", "--port", str(port)],
                         audit,
                         f"{url}/readyz",
-                        replica_of=reward.name,
+                        replica_of=f"reward:{reward.name}",
                     )
                     urls.append(url)
                 entry["url"] = urls
@@ -325,7 +342,7 @@ class Stack:
         return service.child.name == "trainer" and service.child.exit_code() == 0
 
     def check_alive(self) -> None:
-        """Raise if a service died — except a reward replica while another replica of it still serves.
+        """Raise if a service died — except a replica (of a reward or the rollout) while another serves.
         The start-up check: nothing is restarted before the stack is ready."""
         for service in self.services:
             code = service.child.exit_code()
@@ -335,7 +352,7 @@ class Stack:
 
     def _give_up(self, service: Service, code: int) -> None:
         """Stop the run over a service that exited with ``code`` and will not be restarted — unless it is
-        a reward replica and another replica of that reward still serves (it is then left out)."""
+        a replica (of a reward or the rollout) and another replica still serves (it is then left out)."""
         if service.replica_of and self._replicas_alive(service.replica_of):
             if service not in self.lost:
                 self.lost.append(service)
@@ -452,7 +469,7 @@ class Stack:
                 title=f"gd2po · {self.config.run.name} · {self.run_dir}",
                 total_steps=self.config.trainer.total_steps,
                 run_dir=self.run_dir,
-                rollout_url=self.rollout_url,
+                rollout_urls=self.rollout_urls,
                 redis_url=self.redis_url,
                 namespace=self.config.redis.namespace,
             ) as reader,
@@ -466,10 +483,11 @@ class Stack:
                     next_render = time.monotonic() + render_s
                 time.sleep(poll_s)
 
-    def _replicas_alive(self, reward: str) -> bool:
-        """Another replica of ``reward`` serves, or is about to (its restart is due)."""
+    def _replicas_alive(self, replica_of: str) -> bool:
+        """Another replica of ``replica_of`` (a reward, or the rollout) serves, or is about to (its restart
+        is due)."""
         return any(
-            s.replica_of == reward and (s.child.exit_code() is None or s.watch.restart_at is not None)
+            s.replica_of == replica_of and (s.child.exit_code() is None or s.watch.restart_at is not None)
             for s in self.services
         )
 

@@ -20,6 +20,8 @@ from proto.messages import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    WeightOffer,
+    WeightRequest,
 )
 from proto.version import SCHEMA_VERSION
 
@@ -40,6 +42,8 @@ __all__ = [
     "ScoreResponse",
     "ScoreResult",
     "ScoredGroup",
+    "WeightOffer",
+    "WeightRequest",
     "decode",
     "encode",
 ]

@@ -254,9 +254,14 @@ class RolloutConfig(_Section):
     """True skips compiling the model; false compiles it (CUDA graphs on GPUs, torch.compile on CPU):
     faster decoding for a much slower start (bench/RESULTS.md). True keeps short runs short."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    replicas: int = Field(default=1, ge=1)
+    """Rollout services ``gd2po up`` starts (compose: ``--scale rollout-cpu=N``; Helm: ``rollout.replicas``).
+    Replicas share one prompt order through Redis, each prompt once per epoch across them; each follows
+    the policy on its own. The backlog bound then loosens to max_backlog − 1 + (2·replicas − 1) ·
+    prompts_per_batch unconsumed groups (docs/architecture.md)."""
     producer_id: str | None = Field(default=None, min_length=1)
-    """Stable name of this rollout: a restart under the same name continues its prompt order (saved in
-    Redis). Default: a new random name per process."""
+    """Name of this rollout in group ids, the trainer's per-producer staleness metrics and its audit log
+    (``gd2po up`` names replicas rollout-0, rollout-1, …). Default: a new random name per process."""
     max_batches: int | None = Field(default=None, ge=1)
     """Stop after this many batches (tests)."""
     weights_root: Path | None = None
@@ -405,8 +410,36 @@ class LossConfig(_Section):
     rollout reported."""
 
 
+class BroadcastConfig(_Section):
+    """``transport: broadcast``: the trainer (rank 0) serves each new version over a two-rank gloo process
+    group per rollout transfer (proto/weight_transfer.py), rendezvous through a TCPStore it hosts."""
+
+    host: str = "127.0.0.1"
+    """Address the trainer's store binds to (0.0.0.0 in containers)."""
+    advertise: str | None = None
+    """Address rollouts connect to (default: ``host``; in compose or Kubernetes the trainer's DNS name)."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port of the store; 0 picks a free one (announced in the offer)."""
+    timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds each side waits for the other: to join a transfer, and for each bucket. A replica that dies
+    or hangs fails its own transfer after this, never blocking the trainer or the other replicas."""
+    bucket_mib: int = Field(default=256, ge=1)
+    """Tensors are sent concatenated in buffers of up to this many MiB (a larger tensor goes alone)."""
+    disk_every: int = Field(default=10, ge=1)
+    """Also write the safetensors folder every N publishes (and at the first): where a rollout that missed
+    a broadcast (restart, late join, failed transfer) catches up from."""
+
+
 class PublishConfig(_Section):
-    """How trained weights reach the rollout: a safetensors folder under ``weights/`` plus an announcement."""
+    """How trained weights reach the rollout: a safetensors folder under ``weights/`` plus an announcement
+    (``transport: disk``), or a transfer over a process group with a folder every few versions
+    (``transport: broadcast``)."""
+
+    transport: Literal["disk", "broadcast"] = "disk"
+    """``disk``: every version is a folder the rollouts reload. ``broadcast``: rollouts receive each
+    version from the trainer over gloo (no write and re-read of the whole model), a folder every
+    ``broadcast.disk_every`` publishes."""
+    broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig)
 
     every: int = Field(default=1, ge=0)
     """Publish the policy every N steps; 0 never publishes, so the rollout keeps sampling the starting
@@ -416,6 +449,15 @@ class PublishConfig(_Section):
     stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work."""
     keep_last: int = Field(default=3, ge=1)
     """Published weight folders kept; older ones are deleted."""
+
+    @model_validator(mode="after")
+    def _background_writes_folders(self) -> PublishConfig:
+        if self.transport == "broadcast" and self.background:
+            raise ValueError(
+                "trainer.publish.background applies to transport: disk; with broadcast the trainer packs each "
+                "version on the step and serves it from a thread already"
+            )
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -618,6 +660,12 @@ class ExperimentConfig(BaseSettings):
         if self.synchronous and self.trainer.publish.every != 1:
             raise ValueError(
                 "synchronous: true needs trainer.publish.every: 1 (every batch waits for new weights)"
+            )
+        if self.synchronous and self.rollout.replicas > 1:
+            raise ValueError(
+                f"synchronous: true needs rollout.replicas: 1, got {self.rollout.replicas} (replicas that "
+                "each wait for the trainer all generate at once: their groups outnumber a step's and go "
+                "off-policy)"
             )
         return self
 

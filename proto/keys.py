@@ -32,6 +32,17 @@ class RedisKeys:
         return f"{self.namespace}:policy"
 
     @property
+    def weights_offer(self) -> str:
+        """String key holding the newest WeightOffer (msgpack): weights served over a process group
+        (``trainer.publish.transport: broadcast``); absent with the disk transport."""
+        return f"{self.namespace}:weights_offer"
+
+    @property
+    def weights_requests(self) -> str:
+        """List of WeightRequests (msgpack), rollout → trainer: a replica waiting to receive the offer."""
+        return f"{self.namespace}:weights_requests"
+
+    @property
     def events(self) -> str:
         """Pub/sub channel: a PolicyAnnouncement is published here on every new version."""
         return f"{self.namespace}:events"
@@ -57,9 +68,17 @@ class RedisKeys:
         return f"{self.namespace}:produced"
 
     @property
-    def prompt_position(self) -> str:
-        """Hash producer id → JSON position of its prompt source, so a restarted rollout resumes."""
-        return f"{self.namespace}:prompt_position"
+    def prompt_cursor(self) -> str:
+        """Counter: the next position of the shared prompt order (rollout_service.prompts). Every rollout
+        replica claims a batch's positions with INCRBY, so replicas never take the same prompt within an
+        epoch and a restarted one continues where the order is."""
+        return f"{self.namespace}:prompt_cursor"
+
+    @property
+    def prompt_order(self) -> str:
+        """String: the fingerprint of the prompt order the first rollout started with; a replica whose
+        order differs (other files, seed or length limit) refuses to start."""
+        return f"{self.namespace}:prompt_order"
 
     @property
     def trainer_group(self) -> str:

@@ -8,14 +8,32 @@ carries no number.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MAX_ID_LENGTH = 256
 #: Largest policy version or step: they travel as msgpack integers, which stop at 64 bits.
 INT64_MAX = 2**63 - 1
 _DIGEST = re.compile(r"^blake3:[0-9a-f]{64}$")
+
+
+def _blake3_digest(value: str) -> str:
+    if not _DIGEST.match(value):
+        raise ValueError("digest must be 'blake3:' followed by 64 lowercase hex characters")
+    return value
+
+
+Blake3Digest = Annotated[str, AfterValidator(_blake3_digest)]
+"""``blake3:`` + 64 lowercase hex characters (proto.weights, proto.weight_transfer)."""
 
 
 class _WireModel(BaseModel):
@@ -254,18 +272,34 @@ class PolicyAnnouncement(_WireModel):
 
     version: int = Field(ge=0, le=INT64_MAX)
     path: str = Field(min_length=1, description="Directory with safetensors + config + tokenizer.")
-    digest: str = Field(
+    digest: Blake3Digest = Field(
         description="``blake3:`` + 64 hex: digest of the folder's weight files (see proto.weights)."
     )
     step: int = Field(ge=0, le=INT64_MAX)
     created_at: float
 
-    @field_validator("digest")
-    @classmethod
-    def _hex_digest(cls, value: str) -> str:
-        if not _DIGEST.match(value):
-            raise ValueError("digest must be 'blake3:' followed by 64 lowercase hex characters")
-        return value
+
+class WeightOffer(_WireModel):
+    """A policy version the trainer serves over a process group (``trainer.publish.transport: broadcast``,
+    proto.weight_transfer): a rollout asks for it with a :class:`WeightRequest` and joins the transfer at
+    ``host:port`` (the trainer's TCPStore)."""
+
+    version: int = Field(ge=0, le=INT64_MAX)
+    digest: Blake3Digest = Field(description="``blake3:`` + 64 hex over the transferred buffers, in order.")
+    step: int = Field(ge=0, le=INT64_MAX)
+    host: str = Field(min_length=1, description="Address of the trainer's rendezvous store.")
+    port: int = Field(ge=1, le=65535)
+    created_at: float
+
+
+class WeightRequest(_WireModel):
+    """A rollout replica asks the trainer for the newest offered weights; it then joins the process group
+    under ``transfer/<nonce>`` of the trainer's store."""
+
+    producer_id: str = Field(min_length=1, max_length=200)
+    nonce: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    version: int = Field(ge=0, le=INT64_MAX, description="The offered version the replica saw.")
+    created_at: float = Field(description="Unix time; the trainer skips requests older than its timeout.")
 
 
 WIRE_MODELS: tuple[type[BaseModel], ...] = (
@@ -281,4 +315,6 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     ScoredGroup,
     DeadLetter,
     PolicyAnnouncement,
+    WeightOffer,
+    WeightRequest,
 )

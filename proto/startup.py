@@ -8,6 +8,7 @@ so they are waited for, but only for ``run.startup_timeout`` seconds.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tenacity import (
 )
 
 from proto.config import RedisConfig, RewardEndpoint, env_var, mask_url
+
+log = logging.getLogger("proto.startup")
 
 
 class StartupError(RuntimeError):
@@ -96,21 +99,43 @@ def redis_reachable(settings: RedisConfig, timeout: float = 1.0) -> bool:
 
 
 def wait_for_rewards(rewards: Sequence[RewardEndpoint], timeout: float) -> None:
-    """Every reward URL must answer HTTP (any status: a service still loading answers 503, and servers
-    other than gd2po's need no /healthz) within ``timeout`` seconds."""
+    """At least one replica of every reward must answer HTTP (any status: a service still loading answers
+    503, and servers other than gd2po's need no /healthz) within ``timeout`` seconds. Replicas that do not
+    answer are logged and left to the rewards client, which retries away from them — a rollout (re)started
+    while one replica is down serves, as the running one does (docs/architecture.md, failure model).
+    Raises :class:`StartupError` naming the reward, its URLs and the setting to change."""
     for index, reward in enumerate(rewards):
-        for url in reward.urls:
-            try:
-                for attempt in Retrying(
-                    stop=stop_after_delay(timeout),
-                    wait=wait_exponential(multiplier=0.1, max=2.0),
-                    retry=retry_if_exception_type(httpx.TransportError),
-                    reraise=True,
-                ):
-                    with attempt:
-                        httpx.get(f"{url.rstrip('/')}/healthz", timeout=2.0)
-            except (httpx.TransportError, httpx.InvalidURL) as exc:
-                raise StartupError(
-                    f"reward {reward.name!r}: nothing answers at {mask_url(url)} after {timeout:g} s "
-                    f"({type(exc).__name__}); start it or set rewards[{index}].url / {env_var('rewards')}"
-                ) from None
+        try:
+            for attempt in Retrying(
+                stop=stop_after_delay(timeout),
+                wait=wait_exponential(multiplier=0.1, max=2.0),
+                retry=retry_if_exception_type(httpx.TransportError),
+                reraise=True,
+            ):
+                with attempt:
+                    silent = _silent_replicas(reward.urls)
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            urls = ", ".join(mask_url(url) for url in reward.urls)
+            raise StartupError(
+                f"reward {reward.name!r}: nothing answers at {urls} after {timeout:g} s "
+                f"({type(exc).__name__}); start it or set rewards[{index}].url / {env_var('rewards')}"
+            ) from None
+        if silent:
+            log.warning(
+                "reward %r: %d of %d replicas do not answer (%s); scoring goes to the others",
+                reward.name, len(silent), len(reward.urls), ", ".join(mask_url(url) for url in silent),
+            )  # fmt: skip
+
+
+def _silent_replicas(urls: Sequence[str]) -> list[str]:
+    """The URLs that do not answer; raises the last transport error when none does (InvalidURL at once)."""
+    silent, error = [], None
+    for url in urls:
+        try:
+            httpx.get(f"{url.rstrip('/')}/healthz", timeout=2.0)
+        except httpx.TransportError as exc:
+            silent.append(url)
+            error = exc
+    if len(silent) == len(urls) and error is not None:
+        raise error
+    return silent

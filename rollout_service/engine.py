@@ -51,6 +51,8 @@ class Engine:
             # Log-probs of the distribution tokens are drawn from (logits ÷ temperature, after top-k/top-p),
             # not of the temperature-1 model: the behaviour policy the trainer's ratio divides by.
             logprobs_mode="processed_logprobs",
+            # Reloads that keep a tied output layer current, and weights received over a process group.
+            worker_extension_cls="rollout_service.worker_extension.GD2POWorkerExtension",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
@@ -98,12 +100,25 @@ class Engine:
         return [[_completion(sample) for sample in output.outputs] for output in outputs]
 
     def reload(self, weights_dir: Path) -> None:
-        """Load new weights in place (same architecture); the KV cache and compiled graphs are kept."""
+        """Load new weights in place (same architecture); the KV cache and compiled graphs are kept. Through
+        the worker extension, so a tied output layer follows the new embeddings."""
         with self.lock:
             self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_path": str(Path(weights_dir).resolve())}
+                "gd2po_reload_folder", kwargs={"weights_path": str(Path(weights_dir).resolve())}
             )
             self.llm.reset_prefix_cache()
+
+    def receive(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
+        """Receive a policy over the trainer's process group and load it in place (the worker extension
+        :class:`rollout_service.worker_extension.GD2POWorkerExtension`). Returns ``{"version", "digest",
+        "bytes"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged."""
+        with self.lock:
+            (result,) = self.llm.collective_rpc(
+                "gd2po_receive_weights",
+                kwargs={"host": host, "port": port, "nonce": nonce, "timeout_s": timeout_s},
+            )
+            self.llm.reset_prefix_cache()
+        return result
 
 
 def _position_limit(model_dir: Path) -> int:

@@ -146,7 +146,8 @@ class RolloutLoop:
         return depth == 0 and announced is not None and announced.version > self.last_version
 
     def _generate(self) -> tuple[list[PromptRecord], list[list[int]], list[list[Completion]], int, float]:
-        records = self.prompts.take(self.config.rollout.prompts_per_batch)
+        count = self.config.rollout.prompts_per_batch
+        records = self.prompts.at(self.producer.claim_prompts(count), count)
         prompt_ids = [self.engine.prompt_ids([m.model_dump() for m in r.messages]) for r in records]
         version, started = self.policy.version, time.time()
         self.last_version = version
@@ -157,7 +158,6 @@ class RolloutLoop:
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.tokens.inc(tokens)
         self.metrics.tokens_per_second.set(tokens / elapsed if elapsed > 0 else 0.0)
-        self.producer.client.hset(self.producer.keys.prompt_position, self.producer_id, self.prompts.state())
         return records, prompt_ids, completions, version, started
 
     async def _score_and_publish(

@@ -76,6 +76,11 @@ class RolloutMetrics:
             "truncate_left)",
             registry=r,
         )
+        self.transfer_failures = Counter(
+            "gd2po_rollout_weight_transfer_failures",
+            "Policy versions not received over the trainer's process group (fell back to the newest folder)",
+            registry=r,
+        )
         self.reload_failures = Counter(
             "gd2po_rollout_weight_reload_failures", "Weight reloads refused or failed", registry=r
         )

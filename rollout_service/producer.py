@@ -16,7 +16,12 @@ from proto import DeadLetter, ScoredGroup, encode
 from proto.audit import AuditLog, ProducedGroup
 from proto.deadletter import add_dead_letter
 from proto.keys import RedisKeys
+from proto.startup import StartupError
 from proto.stream import QueueState, ensure_consumer_group, entry_fields, queue_state
+
+
+class PromptOrderMismatch(StartupError):
+    """A rollout's prompt order is not the one the experiment's other rollouts use."""
 
 
 class Producer:
@@ -48,6 +53,26 @@ class Producer:
             self.audit.append(
                 [ProducedGroup(g.group_id, outcome, g.policy_version, g.producer_id, now) for g in groups]
             )
+
+    def agree_on_prompt_order(self, fingerprint: str) -> None:
+        """Record ``fingerprint`` as the experiment's prompt order, or check it against the one recorded
+        by the first rollout. Raises :class:`PromptOrderMismatch` when they differ: positions claimed
+        from the shared cursor would then name other prompts on each replica."""
+        self.client.set(self.keys.prompt_order, fingerprint, nx=True)
+        recorded = self.client.get(self.keys.prompt_order)
+        recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
+        if recorded != fingerprint:
+            raise PromptOrderMismatch(
+                f"this rollout's prompt order ({fingerprint[:19]}…) differs from the one recorded in Redis "
+                f"key {self.keys.prompt_order} ({str(recorded)[:19]}…): every rollout replica of an "
+                "experiment needs the same data.train_files, data.shuffle_seed, data.overlong_prompts and "
+                "model tokenizer. For a new dataset use a new redis.namespace (or an empty Redis)"
+            )
+
+    def claim_prompts(self, count: int) -> int:
+        """Claim the next ``count`` positions of the shared prompt order; returns the first. Atomic
+        (INCRBY), so replicas never claim the same position."""
+        return int(self.client.incrby(self.keys.prompt_cursor, count)) - count
 
     def queue_state(self) -> QueueState:
         """The queue as every side reports it; its ``lag`` is the backlog that backpressure bounds."""

@@ -1,10 +1,16 @@
 """Training prompts from parquet/jsonl files: shuffled per epoch with a seed, carrying the ground truth
-for the reward services, with a position that can be saved and restored so a restart resumes. Prompts
-over the token limit are dropped, refused or kept by an explicit policy, never cut silently."""
+for the reward services. Prompts over the token limit are dropped, refused or kept by an explicit policy,
+never cut silently.
+
+The order is an endless sequence of positions: position p is the (p mod N)-th record of epoch p div N's
+seeded permutation (N records). Rollout replicas claim positions from one counter in Redis
+(:class:`rollout_service.producer.Producer.claim_prompts`), so any number of them — and each restart —
+continue one shared order and every prompt is generated once per epoch across them. They must hold the
+same order: :meth:`PromptSource.fingerprint` is checked against the first replica's at start."""
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +64,6 @@ class OverlongReport:
         )
 
 
-@dataclass
-class Position:
-    epoch: int = 0
-    index: int = 0
-
-
 class PromptSource:
     """Endless iterator over prompt records; each epoch is a fresh seeded permutation."""
 
@@ -83,13 +83,13 @@ class PromptSource:
         if not self.records:
             raise ValueError(f"no prompts in {files}")
         self.seed = seed
-        self.position = Position()
-        self._order = self._permutation(0)
+        self.cursor = 0  # the next position :meth:`take` returns (local use: bench, tests)
+        self._orders: dict[int, np.ndarray] = {}  # epoch → permutation, the last few only
 
     def limit_length(
         self, lengths: Callable[[list[PromptRecord]], list[int]], limit: int, policy: OverlongPolicy
     ) -> OverlongReport:
-        """Apply the prompt length limit once, before the first :meth:`take` or :meth:`restore`.
+        """Apply the prompt length limit once, before the first :meth:`at` or :meth:`take`.
 
         ``lengths`` gives each record's prompt tokens (chat template applied, untruncated); a prompt
         is overlong when it has more than ``limit`` tokens (the release keeps ``length <= limit``:
@@ -111,26 +111,40 @@ class PromptSource:
             if len(overlong) == len(self.records):
                 raise OverlongPrompts(f"{report.describe()}: no prompt fits; raise model.max_prompt_tokens")
             self.records = [r for r, size in zip(self.records, sizes, strict=True) if size <= limit]
-            self._order = self._permutation(self.position.epoch)
+            self._orders.clear()
         return report
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+        order = self._orders.get(epoch)
+        if order is None:
+            if len(self._orders) > 4:  # replicas move through epochs together: keep the recent ones
+                self._orders.pop(min(self._orders))
+            order = self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.records)
+            )
+        return order
+
+    def at(self, start: int, count: int) -> list[PromptRecord]:
+        """The records at positions ``start`` … ``start + count − 1`` of the endless order (epochs follow
+        one another; each is a fresh seeded permutation). Raises ValueError for a negative ``start``."""
+        if start < 0:
+            raise ValueError(f"prompt position must be >= 0, got {start}")
+        size = len(self.records)
+        return [
+            self.records[int(self._permutation(position // size)[position % size])]
+            for position in range(start, start + count)
+        ]
 
     def take(self, count: int) -> list[PromptRecord]:
-        batch = []
-        for _ in range(count):
-            if self.position.index >= len(self.records):
-                self.position = Position(self.position.epoch + 1, 0)
-                self._order = self._permutation(self.position.epoch)
-            batch.append(self.records[int(self._order[self.position.index])])
-            self.position.index += 1
+        """The next ``count`` records of this source's own cursor (one process reading alone)."""
+        batch = self.at(self.cursor, count)
+        self.cursor += count
         return batch
 
-    def state(self) -> str:
-        return json.dumps({"epoch": self.position.epoch, "index": self.position.index})
-
-    def restore(self, state: str) -> None:
-        values = json.loads(state)
-        self.position = Position(int(values["epoch"]), int(values["index"]))
-        self._order = self._permutation(self.position.epoch)
+    def fingerprint(self) -> str:
+        """sha256 over the shuffle seed and the prompt ids in file order, after the length limit: equal
+        for replicas that read the same files with the same ``data`` settings and tokenizer."""
+        digest = hashlib.sha256(f"{self.seed}\n".encode())
+        for record in self.records:
+            digest.update(record.prompt_id.encode() + b"\n")
+        return f"sha256:{digest.hexdigest()}"

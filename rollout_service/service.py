@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 import redis
@@ -48,6 +49,8 @@ class RolloutService:
         self.failure: BaseException | None = None
         token = config.auth.token.get_secret_value() if config.auth.token else None
         self.token = token
+        # Names this rollout's groups, audit log and weight requests; random unless configured.
+        self.producer_id = config.rollout.producer_id or f"rollout-{uuid.uuid4().hex[:8]}"
         self.app: FastAPI = create_api(
             self,  # the routes read self.engine and self.policy, None until _start loads them
             metrics=self.metrics,
@@ -81,7 +84,14 @@ class RolloutService:
             kv_cache_gib=config.rollout.kv_cache_gib,
             enforce_eager=config.rollout.enforce_eager,
         )
-        self.policy = PolicyFollower(self.engine, client, self.keys, self.metrics)
+        self.policy = PolicyFollower(
+            self.engine,
+            client,
+            self.keys,
+            self.metrics,
+            producer_id=self.producer_id,
+            transfer_timeout=config.trainer.publish.broadcast.timeout,
+        )
         self.policy.sync()  # a restarted rollout serves the current policy, not the initial weights
         if not self.run_loop:
             return
@@ -93,7 +103,7 @@ class RolloutService:
             label_field=config.data.label_field,
             seed=config.data.shuffle_seed,
         )
-        limit_prompt_length(prompts, self.engine, config, self.metrics)  # before restoring the position
+        limit_prompt_length(prompts, self.engine, config, self.metrics)  # before the fingerprint
         self.loop = RolloutLoop(
             config,
             self.engine,
@@ -102,15 +112,14 @@ class RolloutService:
             Producer(client, self.keys),
             self.policy,
             self.metrics,
-            producer_id=config.rollout.producer_id,
+            producer_id=self.producer_id,
         )
         if config.run.audit:  # named after the producer id, which the loop settles
             self.loop.producer.audit = AuditLog(
                 produced_log_path(config.run.output_dir, self.loop.producer_id)
             )
-        saved = client.hget(self.keys.prompt_position, self.loop.producer_id)
-        if saved:
-            prompts.restore(saved.decode())
+        # One prompt order for every replica and restart: positions come from Redis (Producer.claim_prompts).
+        self.loop.producer.agree_on_prompt_order(prompts.fingerprint())
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI):

@@ -1,15 +1,18 @@
-"""Follow the trainer's policy: read the announcement key between batches, verify the folder's digest,
-reload in place. A bad folder is refused (old weights kept), logged and counted."""
+"""Follow the trainer's policy: between batches, receive the newest version over the trainer's process
+group when one is offered (``trainer.publish.transport: broadcast``), else read the announcement key,
+verify the folder's digest and reload in place. A bad folder or a failed transfer is refused (old weights
+kept), logged and counted; the version served never goes backwards."""
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import redis
 
-from proto import PolicyAnnouncement, decode
+from proto import PolicyAnnouncement, WeightOffer, WeightRequest, decode, encode
 from proto.keys import RedisKeys
 from proto.weights import weights_digest
 from rollout_service.engine import Engine
@@ -25,11 +28,28 @@ class WeightReloadError(RuntimeError):
 class PolicyFollower:
     """``client=None`` (a serve-only rollout without Redis): no announcements, manual reloads only."""
 
-    def __init__(self, engine: Engine, client: redis.Redis | None, keys: RedisKeys, metrics: RolloutMetrics):
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis | None,
+        keys: RedisKeys,
+        metrics: RolloutMetrics,
+        *,
+        producer_id: str = "rollout",
+        transfer_timeout: float = 60.0,
+    ):
         self.engine, self.client, self.keys, self.metrics = engine, client, keys, metrics
+        self.producer_id, self.transfer_timeout = producer_id, transfer_timeout
         self.version = 0
         self._refused: set[tuple[int, str]] = set()
+        self._failed_offer: int | None = None  # the offered version whose transfer failed: not retried
         metrics.policy_version.set(0)
+
+    def offered(self) -> WeightOffer | None:
+        if self.client is None:
+            return None
+        raw = self.client.get(self.keys.weights_offer)
+        return None if raw is None else decode(raw, WeightOffer)
 
     def announced(self) -> PolicyAnnouncement | None:
         if self.client is None:
@@ -38,7 +58,13 @@ class PolicyFollower:
         return None if raw is None else decode(raw, PolicyAnnouncement)
 
     def sync(self) -> bool:
-        """Reload if a newer version is announced; True if the weights changed."""
+        """Receive or reload if a newer version is offered or announced; True if the weights changed. A
+        failed transfer falls back to the newest folder (and is not retried for that version)."""
+        offer = self.offered()
+        if offer is not None and offer.version > self.version and offer.version != self._failed_offer:
+            if self.receive(offer):
+                return True
+            self._failed_offer = offer.version
         announcement = self.announced()
         if announcement is None or announcement.version <= self.version:
             return False
@@ -50,6 +76,34 @@ class PolicyFollower:
             self._refused.add((announcement.version, announcement.digest))
             log.error("keeping policy version %d: %s", self.version, exc)
             return False
+        return True
+
+    def receive(self, offer: WeightOffer) -> bool:
+        """Ask the trainer for its newest version and receive it over a process group (the engine's worker
+        extension); True when it is served now. Any failure is logged and counted, weights unchanged."""
+        nonce = uuid.uuid4().hex
+        request = WeightRequest(
+            producer_id=self.producer_id, nonce=nonce, version=offer.version, created_at=time.time()
+        )
+        started = time.perf_counter()
+        try:
+            self.client.rpush(self.keys.weights_requests, encode(request))
+            result = self.engine.receive(offer.host, offer.port, nonce, self.transfer_timeout)
+        except Exception as exc:  # the transfer's own errors, Redis, or the engine refusing the tensors
+            self.metrics.transfer_failures.inc()
+            log.warning(
+                "receiving policy version %d from %s:%d failed, keeping version %d: %s",
+                offer.version, offer.host, offer.port, self.version, exc,
+            )  # fmt: skip
+            return False
+        seconds = time.perf_counter() - started
+        self.version = max(self.version, int(result["version"]))
+        self.metrics.policy_version.set(self.version)
+        self.metrics.reload_seconds.observe(seconds)
+        log.info(
+            "serving policy version %d received from the trainer (%.0f MiB in %.2f s)",
+            self.version, result["bytes"] / 2**20, seconds,
+        )  # fmt: skip
         return True
 
     def load(self, folder: Path, digest: str | None, version: int) -> None:

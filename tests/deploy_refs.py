@@ -96,3 +96,17 @@ def exported_series_names(exposition: str) -> set[str]:
         names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
     return names
+
+
+def scrape_targets(prometheus_yml: Path) -> dict[str, set[str]]:
+    """job → the ``host:port`` targets a Prometheus config names: its static targets, and for DNS service
+    discovery each name with the job's port (each resolves to one target per replica behind it)."""
+    config = yaml.safe_load(Path(prometheus_yml).read_text())
+    targets: dict[str, set[str]] = {}
+    for job in config["scrape_configs"]:
+        named = targets.setdefault(job["job_name"], set())
+        for static in job.get("static_configs", []):
+            named.update(static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            named.update(f"{name}:{dns['port']}" for name in dns["names"])
+    return targets

@@ -49,6 +49,8 @@ class Counts:
     """Running totals of what :meth:`GroupConsumer.pull` did not train, and the ages it accepted."""
 
     stale: int = 0
+    stale_producers: list[str] = field(default_factory=list)
+    """Producer id of each stale group since the trainer last drained the list (per-replica metrics)."""
     duplicate: int = 0
     undecodable: int = 0
     untrainable: int = 0
@@ -159,6 +161,7 @@ class GroupConsumer:
             return None
         if current_version - group.policy_version > max_staleness:
             counts.stale += 1
+            counts.stale_producers.append(group.producer_id)
             pipe = self.client.pipeline(transaction=True)
             pipe.sadd(self.keys.stale, group.group_id)
             pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto.stream import QUEUE_METRICS
+from trainer.conflict_map import SourceLabels
 
 PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
 """What a step's time is split into (``gd2po_trainer_step_phase_seconds{phase}``, ``phase/<name>`` in the
@@ -21,6 +22,10 @@ weight publishing."""
 GROUP_OUTCOMES = ("trained", "stale", "duplicate", "untrainable", "undecodable")
 """Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
 as too stale, skipped as a second copy, or dead-lettered because it cannot be trained or does not decode."""
+PRODUCER_LABELS = 16
+"""Rollout replicas (producer ids) that keep their own label; later ones count as ``other``. ``gd2po up``
+names replicas rollout-0, rollout-1, …; unnamed replicas (compose, Helm) get a new random name per process
+start, so a long run's restarts would otherwise grow the series without bound."""
 RATIO_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 SCALARS = {
     "conflict_ratio": "Fraction of rollouts whose per-reward advantages have mixed signs",
@@ -103,6 +108,21 @@ class TrainerMetrics:
             buckets=(0, 1, 2, 3, 4, 8, 16),
             registry=r,
         )
+        # Per rollout replica (ScoredGroup.producer_id), labels bounded: see PRODUCER_LABELS.
+        self.producer_labels = SourceLabels(PRODUCER_LABELS)
+        self.producer_staleness = Histogram(
+            "gd2po_trainer_producer_staleness",
+            "Policy versions between generation and training, by rollout replica (producer id)",
+            ["producer"],
+            buckets=(0, 1, 2, 3, 4, 8, 16),
+            registry=r,
+        )
+        self.producer_groups = Counter(
+            "gd2po_trainer_producer_groups",
+            "Groups of one rollout replica (producer id) trained, or dropped as too stale",
+            ["producer", "outcome"],
+            registry=r,
+        )
         self.phase_seconds = Histogram(
             "gd2po_trainer_step_phase_seconds", "Step time by phase", ["phase"], registry=r
         )
@@ -156,6 +176,23 @@ class TrainerMetrics:
         if step.get("all_filtered", 0.0) >= 1.0:
             self.all_filtered.inc()
         self.steps.inc()
+
+    def record_producers(self, producers: list[str], ages: list[int]) -> dict[str, float]:
+        """Staleness per rollout replica of one step's trained groups (``producers[i]`` made the group of
+        age ``ages[i]`` policy versions): observed in ``gd2po_trainer_producer_staleness``, counted as
+        trained, and returned as ``staleness_mean/<producer>`` record keys."""
+        ages_of: dict[str, list[int]] = {}
+        for producer, age in zip(producers, ages, strict=True):
+            label = self.producer_labels.label(producer)
+            ages_of.setdefault(label, []).append(age)
+            self.producer_staleness.labels(label).observe(age)
+            self.producer_groups.labels(label, "trained").inc()
+        return {f"staleness_mean/{label}": sum(a) / len(a) for label, a in ages_of.items()}
+
+    def count_stale(self, producers: list[str]) -> None:
+        """Groups dropped as too stale, by the rollout replica that made them."""
+        for producer in producers:
+            self.producer_groups.labels(self.producer_labels.label(producer), "stale").inc()
 
     def _set_source_series(self, by_source: dict[Gauge, dict[tuple[str, ...], float]]) -> None:
         """Set this step's per-source series, then remove those of sources absent from it (so they show no

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from proto import ScoredGroup
+from proto import PolicyAnnouncement, ScoredGroup, WeightOffer, decode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.ops import add_ops_routes, harden
@@ -32,6 +32,7 @@ from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
 from trainer.algorithms.adaptive_tau import TauController
 from trainer.batching import GroupRules, TrainBatch, build_batch
+from trainer.broadcaster import BroadcastPublisher
 from trainer.conflict_map import SourceLabels, conflict_map
 from trainer.consumer import Counts, GroupConsumer, Pulled
 from trainer.engine import PolicyEngine, ReferencePolicy
@@ -146,6 +147,10 @@ class Trainer:
         )
         if self.config.trainer.publish.background and rank == 0:
             publisher = BackgroundPublisher(publisher)
+        elif self.config.trainer.publish.transport == "broadcast" and rank == 0:
+            publisher = BroadcastPublisher(
+                client, self.keys, publisher, self.config.trainer.publish.broadcast, self.metrics.registry
+            )
         state = checkpoint.TrainerState()
         if self.resume:
             state = checkpoint.load_latest(engine, self.run_dir / "checkpoints") or state
@@ -155,12 +160,15 @@ class Trainer:
                 client.sadd(self.keys.trained, *state.committing)
             announced = client.get(self.keys.policy)
             if announced:
-                from proto import PolicyAnnouncement, decode
-
                 state.policy_version = max(
                     state.policy_version, decode(announced, PolicyAnnouncement).version
                 )
+            offered = client.get(self.keys.weights_offer)  # broadcast: versions past the last folder
+            if offered:
+                state.policy_version = max(state.policy_version, decode(offered, WeightOffer).version)
             log.info("resumed at step %d, policy version %d", state.step, state.policy_version)
+        if isinstance(publisher, BroadcastPublisher):
+            publisher.withdraw_stale_offer()  # after the resume read it: no process serves it any more
         self.tau_controller = tau_controller(self.config, state.tau)
         journal = JsonlLog(self.run_dir / "metrics.jsonl")
         counts = Counts()
@@ -213,7 +221,7 @@ class Trainer:
         self,
         engine: PolicyEngine,
         consumer: GroupConsumer | None,
-        publisher: WeightPublisher | BackgroundPublisher,
+        publisher: WeightPublisher | BackgroundPublisher | BroadcastPublisher,
         state: checkpoint.TrainerState,
         counts: Counts,
         uncommitted: Pulled,
@@ -251,6 +259,8 @@ class Trainer:
             self.stopping.is_set,
         )
         self.metrics.groups.labels("stale").inc(counts.stale - before[0])
+        self.metrics.count_stale(counts.stale_producers)
+        counts.stale_producers.clear()
         self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
         self.metrics.groups.labels("untrainable").inc(counts.untrainable - before[2])
         self.metrics.groups.labels("undecodable").inc(counts.undecodable - before[3])
@@ -293,7 +303,7 @@ class Trainer:
     def _publish(
         self,
         engine: PolicyEngine,
-        publisher: WeightPublisher | BackgroundPublisher,
+        publisher: WeightPublisher | BackgroundPublisher | BroadcastPublisher,
         state: checkpoint.TrainerState,
     ) -> None:
         """Every ``trainer.publish.every`` steps, a new policy version for the rollout."""
@@ -356,6 +366,7 @@ class Trainer:
             uncommitted.entry_ids.extend(pulled.entry_ids)
             for age in staleness:
                 self.metrics.staleness.observe(age)
+            record.update(self.metrics.record_producers([g.producer_id for g in groups], staleness))
         state.groups_trained += len(groups)
         wait = timer.seconds["wait"]
         record.update(estimate.metrics)

@@ -28,9 +28,9 @@ KEEP_CACHE = os.environ.get("GD2PO_DEPLOY_KEEP_CACHE", "1") != "0"
 COMPOSE_FILES = (REPO_ROOT / "docker-compose.yml", REPO_ROOT / "deploy" / "test" / "compose.test.yaml")
 PROJECT = "gd2po"  # docker-compose.yml's `name:`
 PUBLISHED_PORTS = {"rollout API": 8200, "Prometheus": 9090}
-# Long enough that training never ends inside the test (~10 steps); short enough that a stack someone
-# forgot to stop stops training by itself.
-TOTAL_STEPS = 30
+# Long enough that training never ends inside the test (~10 steps, then a second rollout replica warms
+# up and joins); short enough that a stack someone forgot to stop stops training by itself.
+TOTAL_STEPS = 60
 
 
 class Timeline:
@@ -142,24 +142,37 @@ class Stack:
             )
         return result
 
-    def containers(self) -> dict[str, dict]:
-        """``docker inspect`` of every container of the project, by compose service name."""
+    def replicas(self) -> dict[str, list[dict]]:
+        """``docker inspect`` of every container of the project, by compose service name, in container
+        number order (``--scale`` runs several containers of one service)."""
         ids = self.compose("ps", "--all", "--quiet").stdout.split()
         if not ids:
             return {}
         inspected = json.loads(self.engine.docker("inspect", *ids).stdout)
-        return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in inspected}
+        by_service: dict[str, list[dict]] = {}
+        for container in sorted(
+            inspected, key=lambda c: int(c["Config"]["Labels"]["com.docker.compose.container-number"])
+        ):
+            by_service.setdefault(container["Config"]["Labels"]["com.docker.compose.service"], []).append(
+                container
+            )
+        return by_service
 
-    def url(self, service: str) -> str:
-        """http://<container IP>:8000 on the project network: the host reaches it over the bridge, so
-        services that publish no port can still be scraped as Prometheus does."""
-        if service not in self._ips:
-            networks = self.containers()[service]["NetworkSettings"]["Networks"]
-            self._ips[service] = next(n["IPAddress"] for n in networks.values() if n["IPAddress"])
-        return f"http://{self._ips[service]}:8000"
+    def containers(self) -> dict[str, dict]:
+        """Each service's first container (container number 1), by compose service name."""
+        return {service: replicas[0] for service, replicas in self.replicas().items()}
 
-    def metrics(self, service: str) -> Metrics:
-        return Metrics.scrape(self.url(service))
+    def url(self, service: str, replica: int = 0) -> str:
+        """http://<container IP>:8000 of a service's container (``replica``: 0-based, in container number
+        order) on the project network: the host reaches it over the bridge, so services that publish no
+        port can still be scraped as Prometheus does."""
+        key = f"{service}#{replica}"
+        if key not in self._ips:
+            self._ips[key] = container_ip(self.replicas()[service][replica])
+        return f"http://{self._ips[key]}:8000"
+
+    def metrics(self, service: str, replica: int = 0) -> Metrics:
+        return Metrics.scrape(self.url(service, replica))
 
     def logs(self, *services: str, tail: int = 40) -> str:
         result = self.compose("logs", "--no-color", "--tail", str(tail), *services, check=False)
@@ -174,6 +187,12 @@ class Stack:
         result = self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20")
         self.down_done = True
         return result
+
+
+def container_ip(container: dict) -> str:
+    """A container's address on its (first) network, from ``docker inspect``."""
+    networks = container["NetworkSettings"]["Networks"]
+    return next(n["IPAddress"] for n in networks.values() if n["IPAddress"])
 
 
 def prometheus(path: str, **params: str) -> Any:

@@ -5,8 +5,9 @@ reward service run alone under the Helm chart's pod security settings, then the 
 four reward services (two replicas of correctness), the vLLM rollout, the DeepSpeed trainer and
 Prometheus with the shipped rules — until trainer steps advance and each new policy reaches the rollout.
 Stopping the second correctness replica must raise the shipped GD2POServiceDown alert (pending, then
-firing after its `for: 2m`) while training goes on with the first replica. `docker compose down -v`
-must leave nothing, and the engine is stopped by its PID.
+firing after its `for: 2m`) while training goes on with the first replica. A second rollout replica
+scaled in mid-run (`--scale rollout-cpu=2`) must start on the newest policy, generate, reload, be trained
+from and be scraped. `docker compose down -v` must leave nothing, and the engine is stopped by its PID.
 
 Nothing is skipped: a step that cannot happen (no engine, no image, vLLM that does not start) fails
 with what went wrong and the logs of the service concerned. Fixtures: tests/deploy/conftest.py.
@@ -28,9 +29,11 @@ from compose_stack import (
     REPO_ROOT,
     Stack,
     Timeline,
+    container_ip,
     prometheus,
     wait_until,
 )
+from deploy_refs import scrape_targets
 from docker_engine import DockerEngine, pid_alive
 
 # Image build (cold: ~7 min), vLLM warm-up and the steps all count against the first tests that need
@@ -236,8 +239,10 @@ def shipped_rules() -> dict[str, dict]:
 def test_prometheus_scrapes_every_target_and_evaluates_every_shipped_rule(stack: Stack) -> None:
     """The containerised Prometheus: every target of deploy/prometheus/prometheus.yml up, and exactly
     the rules of the shipped rules file loaded, each evaluated without error."""
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    expected = {t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]}
+    targets = scrape_targets(DEPLOY / "prometheus" / "prometheus.yml")
+    assert targets["gd2po-rollout"] == {"rollout:8000"}  # found by DNS: one target per replica, by address
+    rollouts = {f"{container_ip(c)}:8000" for c in stack.replicas()["rollout-cpu"]}
+    expected = set().union(*(t for job, t in targets.items() if job != "gd2po-rollout")) | rollouts
 
     def targets_up() -> tuple[bool, dict[str, str]]:
         active = prometheus("/api/v1/targets", state="active")["activeTargets"]
@@ -360,6 +365,69 @@ def test_a_stopped_replica_raises_service_down_while_training_goes_on(
         if t["health"] != "up"
     }
     assert down == {instance}, f"targets down besides the stopped replica: {down}"
+
+
+def test_a_second_rollout_replica_joins_mid_run_and_follows_the_policy(
+    stack: Stack, timeline: Timeline
+) -> None:
+    """`docker compose up --scale rollout-cpu=2` while the stack trains: the new container gets the next
+    published port, starts on the newest policy (not the base model), generates groups from the shared
+    prompt order, reloads each new policy in place like the first one, the trainer trains groups of both
+    replicas and accounts their staleness apart, and Prometheus finds it by DNS and scrapes it.
+    (One replica of correctness is still stopped from the test before: the new rollout must start anyway.)"""
+    started = time.monotonic()
+    stack.compose("up", "--detach", "--no-deps", "--no-recreate", "--scale", "rollout-cpu=2", "rollout-cpu")
+    assert len(stack.replicas()["rollout-cpu"]) == 2
+    diagnose = lambda: stack.logs("rollout-cpu")  # noqa: E731
+
+    def ready() -> tuple[bool, str]:
+        response = httpx.get(f"{stack.url('rollout-cpu', 1)}/readyz", timeout=5)
+        return response.status_code == 200, f"/readyz {response.status_code}"
+
+    wait_until("the second rollout replica ready", ready, 900, interval=5, diagnose=diagnose)
+    timeline.record("second rollout replica ready (since scale-up)", time.monotonic() - started)
+    joined = stack.metrics("rollout-cpu", 1).value("gd2po_rollout_policy_version")
+    assert joined >= 1, f"the new replica serves policy version {joined}, not the trainer's newest"
+    # Its API on a host port of the range the compose file publishes (8200-8203), next to the first's.
+    ports = [
+        int(c["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]) for c in stack.replicas()["rollout-cpu"]
+    ]
+    assert ports[0] == PUBLISHED_PORTS["rollout API"] and ports[1] in range(8201, 8204), ports
+    assert httpx.get(f"http://127.0.0.1:{ports[1]}/healthz", timeout=5).status_code == 200
+
+    def generating_and_reloading() -> tuple[bool, str]:
+        replica = stack.metrics("rollout-cpu", 1)
+        groups, version = (
+            replica.value("gd2po_rollout_groups_total"),
+            replica.value("gd2po_rollout_policy_version"),
+        )
+        return groups >= 1 and version > joined, f"{groups:.0f} groups, policy version {version:.0f}"
+
+    wait_until("the new replica generating and reloading", generating_and_reloading, 600, diagnose=diagnose)
+    timeline.record("second replica: groups and a reload (since scale-up)", time.monotonic() - started)
+    replica = stack.metrics("rollout-cpu", 1)
+    assert replica.value("gd2po_rollout_weight_reload_failures_total") == 0
+    assert replica.value("gd2po_rollout_deadletter_total") == 0
+
+    def both_trained() -> tuple[bool, dict[str, float]]:
+        trainer = stack.metrics("trainer-cpu")
+        trained = {
+            labels["producer"]: value
+            for name, labels, value in trainer.samples
+            if name == "gd2po_trainer_producer_groups_total" and labels.get("outcome") == "trained"
+        }
+        return len(trained) >= 2 and trainer.has("gd2po_trainer_producer_staleness_count"), trained
+
+    wait_until("the trainer training groups of both replicas", both_trained, 600, diagnose=diagnose)
+
+    def scraped() -> tuple[bool, dict[str, str]]:
+        active = prometheus("/api/v1/targets", state="active")["activeTargets"]
+        health = {
+            t["labels"]["instance"]: t["health"] for t in active if t["labels"]["job"] == "gd2po-rollout"
+        }
+        return len(health) == 2 and set(health.values()) == {"up"}, health
+
+    wait_until("Prometheus scraping both rollout replicas", scraped, 60)
 
 
 def project_leftovers(engine: DockerEngine) -> dict[str, list[str]]:

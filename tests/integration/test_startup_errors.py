@@ -162,3 +162,36 @@ def test_serve_only_rollout_serves_the_model_without_redis(tmp_path: Path, tiny_
         output = process.communicate(timeout=60)[0]
     assert "Traceback" not in output, output
     assert "not reachable" in output and "hunter2" not in output
+
+
+def test_a_rollout_starts_while_one_replica_of_a_reward_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    """A rollout (re)started — by compose's restart policy, a scale-out or `gd2po up` — while one replica
+    of a reward is down must serve, as a running rollout does (the client retries away from it); only a
+    reward with no replica answering stops the start, naming every URL tried."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from proto.config import RewardEndpoint
+    from proto.startup import StartupError, wait_for_rewards
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    up, down = f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{free_port()}"
+    try:
+        with caplog.at_level("WARNING", logger="proto.startup"):
+            wait_for_rewards([RewardEndpoint(name="correctness", url=[down, up])], timeout=2)
+        assert f"1 of 2 replicas do not answer ({down})" in caplog.text
+        with pytest.raises(StartupError, match="reward 'correctness': nothing answers at") as refused:
+            wait_for_rewards([RewardEndpoint(name="correctness", url=[down, down + "0"])], timeout=1)
+        assert down in str(refused.value) and "rewards[0].url" in str(refused.value)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -111,13 +111,13 @@ def test_the_live_view_reads_the_same_queue_state(redis_url: str, tmp_path) -> N
         title="t",
         total_steps=4,
         run_dir=tmp_path,
-        rollout_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: no rollout metrics
+        rollout_urls=[f"http://127.0.0.1:{free_port()}"],  # nothing listens: no rollout metrics
         redis_url=redis_url,
         namespace=KEYS.namespace,
     ) as reader:
         snapshot = reader.snapshot()
     assert snapshot.queue == producer.queue_state() == QueueState(lag=2, pending=1, dead_letters=1)
-    assert snapshot.rollout == {} and snapshot.steps == []
+    assert snapshot.rollout == [{}] and snapshot.steps == []
 
 
 def test_the_live_view_shows_unknown_when_redis_is_gone(tmp_path) -> None:
@@ -125,7 +125,7 @@ def test_the_live_view_shows_unknown_when_redis_is_gone(tmp_path) -> None:
         title="t",
         total_steps=4,
         run_dir=tmp_path,
-        rollout_url=f"http://127.0.0.1:{free_port()}",
+        rollout_urls=[f"http://127.0.0.1:{free_port()}"],
         redis_url=f"redis://127.0.0.1:{free_port()}",
         namespace="x",
     ) as reader:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_refs import scrape_targets
 from deploy_tools import DEPLOY, REPO_ROOT, compose_binary, run
 
 from proto.config import load_config
@@ -97,8 +98,7 @@ def test_swapping_a_reward_endpoint_is_one_variable(tmp_path: Path, monkeypatch)
 
 def test_prometheus_scrapes_every_gd2po_service(tmp_path: Path) -> None:
     services = rendered(tmp_path, "gpu")["services"]
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]}
+    targets = set().union(*scrape_targets(DEPLOY / "prometheus" / "prometheus.yml").values())
     gd2po = {name for name, s in services.items() if s["image"].startswith("gd2po:")}
     assert {f"{name}:8000" for name in gd2po} <= targets
 

@@ -150,3 +150,11 @@ def test_placeholders_take_parameters_from_the_environment(
     monkeypatch.delenv("RUN_NAME")
     with pytest.raises(ConfigError, match=r"\$\{RUN_NAME\} is not set"):
         load_config(path)
+
+
+def test_synchronous_refuses_several_rollout_replicas(tmp_path: Path) -> None:
+    """Replicas that each wait for the trainer generate at once: more groups than a step takes, the rest
+    trained a version later — no longer the on-policy run synchronous promises."""
+    assert load_config(_write(tmp_path, "rollout: {replicas: 2}\n")).rollout.replicas == 2
+    with pytest.raises(ConfigError, match=r"synchronous: true needs rollout.replicas: 1, got 2"):
+        load_config(_write(tmp_path, "synchronous: true\nrollout: {replicas: 2}\n"))

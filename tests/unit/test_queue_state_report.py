@@ -3,6 +3,8 @@ rollout's metrics and the live view of ``gd2po up``."""
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -65,3 +67,33 @@ def test_the_view_without_a_terminal_prints_each_step_once(capsys) -> None:
         view.show(Snapshot(title="t", total_steps=2, steps=steps))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert lines == ["step 1  loss=0.5000", "step 2  loss=0.2500"]
+
+
+def test_the_view_shows_each_rollout_replicas_policy_version_and_their_total_speed() -> None:
+    replicas = [
+        {"gd2po_rollout_policy_version": 3.0, "gd2po_rollout_tokens_per_second": 100.0},
+        {},  # a replica that did not answer the scrape
+        {"gd2po_rollout_policy_version": 2.0, "gd2po_rollout_tokens_per_second": 50.5},
+    ]
+    text = _text(render(Snapshot(title="t", total_steps=4, rollout=replicas)))
+    assert re.search(r"rollout policy version\s*│\s*3 / \? / 2", text), text
+    assert re.search(r"rollout tokens/s\s*│\s*150.5", text), text
+
+
+def test_the_trainer_accounts_staleness_per_rollout_replica() -> None:
+    metrics = TrainerMetrics()
+    keys = metrics.record_producers(["rollout-0", "rollout-1", "rollout-0"], [0, 2, 1])
+    assert keys == {"staleness_mean/rollout-0": 0.5, "staleness_mean/rollout-1": 2.0}
+    metrics.count_stale(["rollout-1", "rollout-1"])
+    values = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+    }
+    trained = "gd2po_trainer_producer_groups_total"
+    assert values[(trained, (("outcome", "trained"), ("producer", "rollout-0")))] == 2
+    assert values[(trained, (("outcome", "stale"), ("producer", "rollout-1")))] == 2
+    assert values[("gd2po_trainer_producer_staleness_sum", (("producer", "rollout-1"),))] == 2
+    # Labels stay bounded: the 17th distinct producer id and later ones count as "other".
+    metrics.record_producers([f"rollout-{i}" for i in range(40)], [0] * 40)
+    assert len(metrics.producer_labels.known) == 16

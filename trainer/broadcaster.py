@@ -1,0 +1,199 @@
+"""``trainer.publish.transport: broadcast``: serve each policy version to the rollout engines over a
+process group (proto/weight_transfer.py) instead of writing the whole model for every version.
+
+Rank 0 hosts a ``TCPStore``. Each publish packs the weights into byte buckets (a copy, so training goes
+on), computes their digest and announces a :class:`proto.WeightOffer` (version, digest, store address) on
+the ``weights_offer`` key. A rollout that sees a newer offer between two batches pushes a
+:class:`proto.WeightRequest`; a server thread pops requests and runs each transfer on its own thread with
+its own gloo group, always sending the newest version packed. A transfer that fails (timeout, the replica
+killed mid-way) is logged and counted; the trainer and the other transfers go on.
+
+Every ``broadcast.disk_every`` publishes (the first included, and the last at close) the folder is
+written and announced as with the disk transport, so a replica that restarts or misses transfers catches
+up from the newest file, and the run's final policy is on disk; a replica's policy version never goes
+backwards (the rollout loads whichever of offer and folder is newer). The offer is withdrawn at close and
+when a new trainer process starts: nobody serves it any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+import torch
+import torch.distributed as dist
+from prometheus_client import Counter, Histogram
+
+from proto import WeightOffer, WeightRequest, decode, encode
+from proto.codec import CodecError
+from proto.config import BroadcastConfig
+from proto.keys import RedisKeys
+from proto.weight_transfer import (
+    WeightTransferError,
+    buffers_digest,
+    meta_key,
+    open_group,
+    pack,
+    plan_buckets,
+    send,
+    write_meta,
+)
+from trainer.publisher import WeightPublisher
+
+log = logging.getLogger("trainer.broadcaster")
+POP_TIMEOUT_S = 1  # how long the server thread blocks on the request list before checking for close()
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One version ready to send: the buckets' plan, their bytes and digest."""
+
+    version: int
+    buckets: list
+    buffers: list[torch.Tensor]
+    digest: str
+
+
+class TransferMetrics:
+    """``gd2po_trainer_weight_transfers_total{outcome}`` and ``gd2po_trainer_weight_transfer_seconds``."""
+
+    def __init__(self, registry) -> None:
+        self.transfers = Counter(
+            "gd2po_trainer_weight_transfers",
+            "Weight transfers to rollout engines over a process group, by outcome (ok, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "gd2po_trainer_weight_transfer_seconds",
+            "Seconds of one weight transfer, from the group's rendezvous to the last bucket",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        for outcome in ("ok", "failed"):
+            self.transfers.labels(outcome)
+
+
+class BroadcastPublisher:
+    """The ``publish``/``close`` interface of :class:`trainer.publisher.WeightPublisher` for the broadcast
+    transport. ``disk`` writes the folders; ``registry``: the trainer's Prometheus registry."""
+
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, disk: WeightPublisher, config: BroadcastConfig, registry
+    ):
+        self.client, self.keys, self.disk, self.config = client, keys, disk, config
+        self.metrics = TransferMetrics(registry)
+        self.store = dist.TCPStore(
+            config.host, config.port, None, True, timeout=_seconds(config.timeout), wait_for_workers=False
+        )
+        self.address = (config.advertise or config.host, self.store.port)
+        self.publishes = 0
+        self._on_disk: int | None = None  # the newest version written as a folder
+        self._last: tuple | None = None  # (module, state, version, step) of the newest publish
+        self._latest: Packed | None = None
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._transfers: set[threading.Thread] = set()
+        self._server = threading.Thread(target=self._serve, name="weight-broadcast", daemon=True)
+        self._server.start()
+        log.info("serving weights over gloo from %s:%d", *self.address)
+
+    def withdraw_stale_offer(self) -> None:
+        """Delete the offer (one left by an earlier trainer process: read it first when resuming; or this
+        one's at close): nobody serves it, so rollouts follow the folders until the next offer."""
+        self.client.delete(self.keys.weights_offer)
+
+    def publish(
+        self, module: torch.nn.Module, state: dict[str, torch.Tensor], version: int, step: int
+    ) -> None:
+        """Offer ``version``, first writing its folder at the first and every ``disk_every``-th publish. A
+        failed folder write raises OSError before anything is offered, as with the disk transport (the
+        version is then published again at the next step)."""
+        if self.publishes % self.config.disk_every == 0:  # the 1st, (disk_every + 1)-th, … publish
+            self.disk.publish(module, state, version, step)  # raises before the count moves: retried
+            self._on_disk = version
+        self.publishes += 1
+        self._last = (module, state, version, step)
+        buckets = plan_buckets(state, self.config.bucket_mib << 20)
+        buffers = pack(state, buckets)
+        packed = Packed(version, buckets, buffers, buffers_digest(buffers))
+        with self._lock:
+            self._latest = packed
+        offer = WeightOffer(
+            version=version,
+            digest=packed.digest,
+            step=step,
+            host=self.address[0],
+            port=self.address[1],
+            created_at=time.time(),
+        )
+        self.client.set(self.keys.weights_offer, encode(offer))
+
+    def close(self) -> None:
+        """Stop serving (no new transfer starts; running ones finish or time out), withdraw the offer and
+        write the last version's folder if it has none: the run's final policy always ends up on disk."""
+        self._closing.set()
+        self._server.join(timeout=POP_TIMEOUT_S + 5)
+        for transfer in list(self._transfers):
+            transfer.join(timeout=self.config.timeout)
+        self.withdraw_stale_offer()
+        if self._last is not None and self._last[2] != self._on_disk:
+            self.disk.publish(*self._last)
+            self._on_disk = self._last[2]
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                popped = self.client.blpop([self.keys.weights_requests], timeout=POP_TIMEOUT_S)
+            except redis.RedisError as exc:  # Redis restarting: the requests wait in the list
+                log.warning("cannot read weight requests: %s", exc)
+                self._closing.wait(POP_TIMEOUT_S)
+                continue
+            if popped is None:
+                continue
+            try:
+                request = decode(popped[1], WeightRequest)
+            except CodecError as exc:
+                log.error("dropped an unreadable weight request: %s", exc)
+                continue
+            if time.time() - request.created_at > self.config.timeout:
+                continue  # its rollout gave up waiting (e.g. while this trainer restarted)
+            with self._lock:
+                packed = self._latest
+            if packed is None:
+                continue  # nothing offered yet by this trainer process: the replica falls back to disk
+            transfer = threading.Thread(
+                target=self._transfer, args=(request, packed), name=f"weight-transfer-{request.producer_id}"
+            )
+            self._transfers.add(transfer)
+            transfer.start()
+
+    def _transfer(self, request: WeightRequest, packed: Packed) -> None:
+        started = time.perf_counter()
+        try:
+            write_meta(self.store, request.nonce, packed.version, packed.digest, packed.buckets)
+            group = open_group(self.store, request.nonce, 0, self.config.timeout)
+            send(group, packed.buffers, self.config.timeout)
+        except WeightTransferError as exc:
+            self.metrics.transfers.labels("failed").inc()
+            log.warning(
+                "weight transfer to %s failed (version %d): %s", request.producer_id, packed.version, exc
+            )
+        else:
+            seconds = time.perf_counter() - started
+            self.metrics.transfers.labels("ok").inc()
+            self.metrics.seconds.observe(seconds)
+            log.info("sent policy version %d to %s in %.2f s", packed.version, request.producer_id, seconds)
+        finally:
+            self._transfers.discard(threading.current_thread())
+            with contextlib.suppress(RuntimeError):  # the store keeps no finished transfer's metadata
+                self.store.delete_key(meta_key(request.nonce))
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
