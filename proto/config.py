@@ -259,7 +259,7 @@ class RolloutConfig(_Section):
     Replicas share one prompt order through Redis, each prompt once per epoch across them; each follows
     the policy on its own. The backlog bound then loosens to max_backlog − 1 + (2·replicas − 1) ·
     prompts_per_batch unconsumed groups (docs/architecture.md)."""
-    producer_id: str | None = Field(default=None, min_length=1)
+    producer_id: str | None = Field(default=None, min_length=1, max_length=200)
     """Name of this rollout in group ids, the trainer's per-producer staleness metrics and its audit log
     (``gd2po up`` names replicas rollout-0, rollout-1, …). Default: a new random name per process."""
     max_batches: int | None = Field(default=None, ge=1)
@@ -417,7 +417,8 @@ class BroadcastConfig(_Section):
     host: str = "127.0.0.1"
     """Address the trainer's store binds to (0.0.0.0 in containers)."""
     advertise: str | None = None
-    """Address rollouts connect to (default: ``host``; in compose or Kubernetes the trainer's DNS name)."""
+    """Address rollouts connect to (default: ``host``; in compose or Kubernetes the trainer's DNS name).
+    Across hosts also set GLOO_SOCKET_IFNAME: gloo connects on its own (docs/architecture.md §4.3.1)."""
     port: int = Field(default=0, ge=0, le=65535)
     """Port of the store; 0 picks a free one (announced in the offer)."""
     timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)

@@ -27,7 +27,22 @@ import blake3
 import torch
 import torch.distributed as dist
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float32",
+        "bfloat16",
+        "float16",
+        "float64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+    )
+}
+"""What a state dict may hold: weights, and the integer or boolean buffers some models keep."""
 TRANSFER_PREFIX = "transfer"
 
 
@@ -43,15 +58,15 @@ def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[list
     """Group the tensors of ``state`` (in its order) into buckets of at most ``bucket_bytes`` bytes
     (padding included); a tensor larger than that gets a bucket of its own. Raises ValueError for a dtype outside DTYPES."""
     names = {dtype: name for name, dtype in DTYPES.items()}
-    buckets: list[list[TensorSpec]] = []
-    size = bucket_bytes  # forces a first bucket
+    buckets: list[list[TensorSpec]] = [[]]
+    size = 0
     for name, tensor in state.items():
         if tensor.dtype not in names:
             raise ValueError(
                 f"{name}: dtype {tensor.dtype} cannot be transferred (supported: {list(DTYPES)})"
             )
         nbytes = -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN  # its span, padding included
-        if size + nbytes > bucket_bytes and (not buckets or buckets[-1]):
+        if buckets[-1] and size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
         buckets[-1].append((name, names[tensor.dtype], list(tensor.shape)))

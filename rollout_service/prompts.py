@@ -142,9 +142,10 @@ class PromptSource:
         return batch
 
     def fingerprint(self) -> str:
-        """sha256 over the shuffle seed and the prompt ids in file order, after the length limit: equal
-        for replicas that read the same files with the same ``data`` settings and tokenizer."""
+        """sha256 over the shuffle seed and every record (id, messages, label) in file order, after the
+        length limit: equal for replicas that read the same files with the same ``data`` settings and
+        tokenizer."""
         digest = hashlib.sha256(f"{self.seed}\n".encode())
-        for record in self.records:
-            digest.update(record.prompt_id.encode() + b"\n")
+        for record in self.records:  # ids, texts and labels: another file of the same length differs too
+            digest.update(record.model_dump_json(include={"prompt_id", "messages", "label"}).encode() + b"\n")
         return f"sha256:{digest.hexdigest()}"

@@ -43,6 +43,7 @@ class PolicyFollower:
         self.version = 0
         self._refused: set[tuple[int, str]] = set()
         self._failed_offer: int | None = None  # the offered version whose transfer failed: not retried
+        self._transfers_paused_until = 0.0  # monotonic time; folders only until then, after a failure
         metrics.policy_version.set(0)
 
     def offered(self) -> WeightOffer | None:
@@ -59,12 +60,21 @@ class PolicyFollower:
 
     def sync(self) -> bool:
         """Receive or reload if a newer version is offered or announced; True if the weights changed. A
-        failed transfer falls back to the newest folder (and is not retried for that version)."""
+        failed transfer falls back to the newest folder; that version is not retried, and no transfer is
+        tried for ``transfer_timeout`` seconds (folders only meanwhile)."""
         offer = self.offered()
-        if offer is not None and offer.version > self.version and offer.version != self._failed_offer:
+        if (
+            offer is not None
+            and offer.version > self.version
+            and offer.version != self._failed_offer
+            and time.monotonic() >= self._transfers_paused_until
+        ):
             if self.receive(offer):
                 return True
+            # Not retried for this version, and no transfer for a while: a trainer that cannot be reached
+            # would otherwise cost up to the timeout before every batch.
             self._failed_offer = offer.version
+            self._transfers_paused_until = time.monotonic() + self.transfer_timeout
         announcement = self.announced()
         if announcement is None or announcement.version <= self.version:
             return False
@@ -82,11 +92,11 @@ class PolicyFollower:
         """Ask the trainer for its newest version and receive it over a process group (the engine's worker
         extension); True when it is served now. Any failure is logged and counted, weights unchanged."""
         nonce = uuid.uuid4().hex
-        request = WeightRequest(
-            producer_id=self.producer_id, nonce=nonce, version=offer.version, created_at=time.time()
-        )
         started = time.perf_counter()
         try:
+            request = WeightRequest(
+                producer_id=self.producer_id, nonce=nonce, version=offer.version, created_at=time.time()
+            )
             self.client.rpush(self.keys.weights_requests, encode(request))
             result = self.engine.receive(offer.host, offer.port, nonce, self.transfer_timeout)
         except Exception as exc:  # the transfer's own errors, Redis, or the engine refusing the tensors

@@ -36,11 +36,13 @@ from proto.keys import RedisKeys
 from proto.weight_transfer import (
     WeightTransferError,
     buffers_digest,
+    connect_store,
     meta_key,
     open_group,
     pack,
     plan_buckets,
     send,
+    unpack,
     write_meta,
 )
 from trainer.publisher import WeightPublisher
@@ -54,6 +56,7 @@ class Packed:
     """One version ready to send: the buckets' plan, their bytes and digest."""
 
     version: int
+    step: int
     buckets: list
     buffers: list[torch.Tensor]
     digest: str
@@ -92,9 +95,12 @@ class BroadcastPublisher:
             config.host, config.port, None, True, timeout=_seconds(config.timeout), wait_for_workers=False
         )
         self.address = (config.advertise or config.host, self.store.port)
+        # Where this process reaches its own store: one client per transfer, because a TCPStore client
+        # blocks all its callers while one of them waits (a replica that never joins would stall the rest).
+        self._local = ("127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host, self.store.port)
         self.publishes = 0
         self._on_disk: int | None = None  # the newest version written as a folder
-        self._last: tuple | None = None  # (module, state, version, step) of the newest publish
+        self._module: torch.nn.Module | None = None  # for the config.json of the folder written at close
         self._latest: Packed | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -118,10 +124,10 @@ class BroadcastPublisher:
             self.disk.publish(module, state, version, step)  # raises before the count moves: retried
             self._on_disk = version
         self.publishes += 1
-        self._last = (module, state, version, step)
+        self._module = module
         buckets = plan_buckets(state, self.config.bucket_mib << 20)
         buffers = pack(state, buckets)
-        packed = Packed(version, buckets, buffers, buffers_digest(buffers))
+        packed = Packed(version, step, buckets, buffers, buffers_digest(buffers))
         with self._lock:
             self._latest = packed
         offer = WeightOffer(
@@ -141,10 +147,17 @@ class BroadcastPublisher:
         self._server.join(timeout=POP_TIMEOUT_S + 5)
         for transfer in list(self._transfers):
             transfer.join(timeout=self.config.timeout)
-        self.withdraw_stale_offer()
-        if self._last is not None and self._last[2] != self._on_disk:
-            self.disk.publish(*self._last)
-            self._on_disk = self._last[2]
+        try:
+            self.withdraw_stale_offer()
+        except redis.RedisError as exc:  # the folder below matters more; rollouts skip a dead offer
+            log.warning("could not withdraw the weight offer: %s", exc)
+        latest = self._latest
+        if latest is not None and latest.version != self._on_disk:
+            # From the packed copy of that version, not the live parameters (they may have moved since,
+            # or be half-updated when closing after a crash). Cloned: safetensors refuses shared storage.
+            state = {name: tensor.clone() for name, tensor in unpack(latest.buffers, latest.buckets)}
+            self.disk.publish(self._module, state, latest.version, latest.step)
+            self._on_disk = latest.version
 
     def _serve(self) -> None:
         while not self._closing.is_set():
@@ -157,27 +170,37 @@ class BroadcastPublisher:
             if popped is None:
                 continue
             try:
-                request = decode(popped[1], WeightRequest)
-            except CodecError as exc:
-                log.error("dropped an unreadable weight request: %s", exc)
-                continue
-            if time.time() - request.created_at > self.config.timeout:
-                continue  # its rollout gave up waiting (e.g. while this trainer restarted)
-            with self._lock:
-                packed = self._latest
-            if packed is None:
-                continue  # nothing offered yet by this trainer process: the replica falls back to disk
-            transfer = threading.Thread(
-                target=self._transfer, args=(request, packed), name=f"weight-transfer-{request.producer_id}"
-            )
-            self._transfers.add(transfer)
-            transfer.start()
+                self._start_transfer(popped[1])
+            except Exception:  # nothing a request holds may end the server: every replica relies on it
+                log.exception("dropped a weight request")
+
+    def _start_transfer(self, raw: bytes) -> None:
+        """Start the transfer a request asks for, on its own thread; an unreadable or expired request is
+        logged and dropped."""
+        try:
+            request = decode(raw, WeightRequest)
+        except (CodecError, ValueError) as exc:  # not msgpack / not a WeightRequest / fails its schema
+            log.error("dropped an unreadable weight request: %s", str(exc)[:500])
+            return
+        if time.time() - request.created_at > self.config.timeout:
+            return  # its rollout gave up waiting (e.g. while this trainer restarted)
+        with self._lock:
+            packed = self._latest
+        if packed is None:
+            return  # nothing offered yet by this trainer process: the replica falls back to disk
+        transfer = threading.Thread(
+            target=self._transfer, args=(request, packed), name=f"weight-transfer-{request.producer_id}"
+        )
+        self._transfers.add(transfer)
+        transfer.start()
 
     def _transfer(self, request: WeightRequest, packed: Packed) -> None:
         started = time.perf_counter()
+        store = None
         try:
-            write_meta(self.store, request.nonce, packed.version, packed.digest, packed.buckets)
-            group = open_group(self.store, request.nonce, 0, self.config.timeout)
+            store = connect_store(*self._local, self.config.timeout)
+            write_meta(store, request.nonce, packed.version, packed.digest, packed.buckets)
+            group = open_group(store, request.nonce, 0, self.config.timeout)
             send(group, packed.buffers, self.config.timeout)
         except WeightTransferError as exc:
             self.metrics.transfers.labels("failed").inc()
@@ -191,8 +214,9 @@ class BroadcastPublisher:
             log.info("sent policy version %d to %s in %.2f s", packed.version, request.producer_id, seconds)
         finally:
             self._transfers.discard(threading.current_thread())
-            with contextlib.suppress(RuntimeError):  # the store keeps no finished transfer's metadata
-                self.store.delete_key(meta_key(request.nonce))
+            if store is not None:
+                with contextlib.suppress(RuntimeError):  # the store keeps no finished transfer's metadata
+                    store.delete_key(meta_key(request.nonce))
 
 
 def _seconds(value: float) -> datetime.timedelta:

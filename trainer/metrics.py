@@ -180,14 +180,14 @@ class TrainerMetrics:
     def record_producers(self, producers: list[str], ages: list[int]) -> dict[str, float]:
         """Staleness per rollout replica of one step's trained groups (``producers[i]`` made the group of
         age ``ages[i]`` policy versions): observed in ``gd2po_trainer_producer_staleness``, counted as
-        trained, and returned as ``staleness_mean/<producer>`` record keys."""
+        trained, and returned as ``producer_staleness_mean/<producer>`` record keys."""
         ages_of: dict[str, list[int]] = {}
         for producer, age in zip(producers, ages, strict=True):
             label = self.producer_labels.label(producer)
             ages_of.setdefault(label, []).append(age)
             self.producer_staleness.labels(label).observe(age)
             self.producer_groups.labels(label, "trained").inc()
-        return {f"staleness_mean/{label}": sum(a) / len(a) for label, a in ages_of.items()}
+        return {f"producer_staleness_mean/{label}": sum(a) / len(a) for label, a in ages_of.items()}
 
     def count_stale(self, producers: list[str]) -> None:
         """Groups dropped as too stale, by the rollout replica that made them."""

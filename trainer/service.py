@@ -167,8 +167,8 @@ class Trainer:
             if offered:
                 state.policy_version = max(state.policy_version, decode(offered, WeightOffer).version)
             log.info("resumed at step %d, policy version %d", state.step, state.policy_version)
-        if isinstance(publisher, BroadcastPublisher):
-            publisher.withdraw_stale_offer()  # after the resume read it: no process serves it any more
+        if rank == 0:  # after the resume read it, whatever the transport: no process serves it any more
+            client.delete(self.keys.weights_offer)
         self.tau_controller = tau_controller(self.config, state.tau)
         journal = JsonlLog(self.run_dir / "metrics.jsonl")
         counts = Counts()

@@ -111,7 +111,8 @@ def test_two_rollout_replicas_share_prompts_receive_broadcasts_and_survive_a_kil
     logged = read_steps(run_dir)
     assert [int(s["step"]) for s in logged] == list(range(1, STEPS + 1))
     per_replica = {
-        r: [s[f"staleness_mean/{r}"] for s in logged if f"staleness_mean/{r}" in s] for r in REPLICAS
+        r: [s[f"producer_staleness_mean/{r}"] for s in logged if f"producer_staleness_mean/{r}" in s]
+        for r in REPLICAS
     }
     assert all(per_replica.values()), per_replica
     assert all(0 <= age <= 2 for ages in per_replica.values() for age in ages)  # trainer.max_staleness: 2

@@ -26,7 +26,15 @@ from gd2po.ports import free_port
 from proto import PolicyAnnouncement, WeightOffer, WeightRequest, decode, encode
 from proto.config import BroadcastConfig, ModelConfig
 from proto.keys import RedisKeys
-from proto.weight_transfer import WeightTransferError, bucket_nbytes, connect_store, open_group, read_meta
+from proto.weight_transfer import (
+    WeightTransferError,
+    bucket_nbytes,
+    buffers_digest,
+    connect_store,
+    open_group,
+    read_meta,
+    receive,
+)
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.weights import PolicyFollower
@@ -188,3 +196,39 @@ def test_a_transfer_nobody_joins_times_out_with_a_clear_error() -> None:
     with pytest.raises(WeightTransferError, match="the other side did not join"):
         open_group(store, "feedface" * 4, 0, timeout_s=1.0)
     assert time.monotonic() - started < 10
+
+
+def test_a_dead_replica_and_bad_requests_never_hold_up_a_live_replica(
+    tiny_model_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """Requests the trainer cannot use (garbage, a schema violation) are dropped without stopping its
+    server, and a replica that asks and never joins fails only its own transfer: a live replica asking
+    right after it is served at once, not after the dead one's timeout."""
+    client = redis.Redis.from_url(redis_url)
+    registry = CollectorRegistry()
+    disk = WeightPublisher(client, KEYS, tmp_path / "weights", tiny_model_dir, keep_last=1)
+    publisher = BroadcastPublisher(client, KEYS, disk, BroadcastConfig(timeout=TIMEOUT_S), registry)
+    try:
+        model, state = policy(tiny_model_dir, seed=7)
+        publisher.publish(model, state, version=1, step=1)
+        client.rpush(KEYS.weights_requests, b"\x00not msgpack")
+        bad = {"producer_id": "x", "nonce": "NOT-HEX", "version": 1, "created_at": time.time()}
+        client.rpush(KEYS.weights_requests, encode(WeightRequest.model_construct(**bad)))
+        dead = WeightRequest(producer_id="dead", nonce="dead" * 8, version=1, created_at=time.time())
+        client.rpush(KEYS.weights_requests, encode(dead))
+
+        asked = time.monotonic()
+        live = WeightRequest(producer_id="live", nonce="a1ee" * 8, version=1, created_at=time.time())
+        client.rpush(KEYS.weights_requests, encode(live))
+        store = connect_store(*publisher.address, TIMEOUT_S)
+        version, digest, buckets = read_meta(store, live.nonce)
+        buffers = receive(open_group(store, live.nonce, 1, TIMEOUT_S), buckets, digest, TIMEOUT_S)
+        assert time.monotonic() - asked < TIMEOUT_S / 2, "the live replica waited for the dead one"
+        assert version == 1 and buffers_digest(buffers) == digest
+        wait_for(
+            lambda: registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "failed"})
+        )
+        assert registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "ok"}) == 1
+    finally:
+        publisher.close()
+        client.close()

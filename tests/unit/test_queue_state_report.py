@@ -83,7 +83,7 @@ def test_the_view_shows_each_rollout_replicas_policy_version_and_their_total_spe
 def test_the_trainer_accounts_staleness_per_rollout_replica() -> None:
     metrics = TrainerMetrics()
     keys = metrics.record_producers(["rollout-0", "rollout-1", "rollout-0"], [0, 2, 1])
-    assert keys == {"staleness_mean/rollout-0": 0.5, "staleness_mean/rollout-1": 2.0}
+    assert keys == {"producer_staleness_mean/rollout-0": 0.5, "producer_staleness_mean/rollout-1": 2.0}
     metrics.count_stale(["rollout-1", "rollout-1"])
     values = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
