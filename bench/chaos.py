@@ -414,10 +414,10 @@ def results_section(result: ChaosResult, args: argparse.Namespace, load_before: 
             )
     lines += [
         "",
-        "| groups produced | trained | dead-lettered | stale | left in queue | lost | trained twice | "
+        "| groups produced | trained | dead-lettered | stale | skipped | left in queue | lost | trained twice | "
         "fabricated scores (of checked) | steps | processes left |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {s['produced']} | {s['trained']} | {s['dead_lettered']} {s['dead_by_kind']} | {s['stale']} | "
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {s['produced']} | {s['trained']} | {s['dead_lettered']} {s['dead_by_kind']} | {s['stale']} | {s['skipped']} | "
         f"{s['left_in_queue']} | {s['lost']} | {s['trained_twice']} | {s['fabricated']} of {s['scores_checked']} | "
         f"{s['steps']} | {len(result.leftovers)} |",
         "",

@@ -1,10 +1,10 @@
 """The exactly-once ledger of a finished run, reconciled from three witnesses that fail independently: the
 producers' log (``run.audit``, outside Redis), Redis restarted on its append-only file (streams and the
-trained / stale / dead sets), and the trainer's ``metrics.jsonl``. Used by ``python -m bench.chaos`` and
+trained / stale / skipped / dead sets), and the trainer's ``metrics.jsonl``. Used by ``python -m bench.chaos`` and
 tests/chaos.
 
 Every group a rollout logged as published must end in exactly one of: trained once, dead-lettered (with
-a reason), dropped as stale, or still in the queue when the run stopped (the backlog the trainer did not
+a reason), dropped as stale, skipped without signal (``trainer.dynamic_sampling``), or still in the queue when the run stopped (the backlog the trainer did not
 need); anything else is *lost*. Every score stored in a group must be one its reward service answered
 (the score logs), or it is *fabricated*.
 """
@@ -36,12 +36,14 @@ class Ledger:
     dead: Counter[str] = field(default_factory=Counter)
     """Dead-lettered groups by kind (``reward_failed`` from the rollout, ``untrainable`` from the trainer)."""
     stale: int = 0
+    skipped: int = 0
+    """Groups read under ``trainer.dynamic_sampling`` and acknowledged without training: no gradient."""
     left_in_queue: int = 0
     """Published groups the trainer never read: the backlog at the end of the run."""
     lost: list[str] = field(default_factory=list)
     trained_twice: list[str] = field(default_factory=list)
     two_outcomes: list[str] = field(default_factory=list)
-    """Groups in more than one of trained / stale / dead."""
+    """Groups in more than one of trained / stale / skipped / dead."""
     unlogged: int = 0
     """Groups Redis has that no producer logged: written just before a rollout was killed. Classified
     like logged ones; ``produced + unlogged`` is every group of the run."""
@@ -100,6 +102,7 @@ def reconcile(
             letters[letter.group_id] = letter
     trained_set = {g.decode() for g in client.smembers(keys.trained)}
     stale_set = {g.decode() for g in client.smembers(keys.stale)}
+    skipped_set = {g.decode() for g in client.smembers(keys.skipped)}
     dead_set = {g.decode() for g in client.smembers(keys.dead)}
     read = _read_by_trainer(client, keys)
 
@@ -117,7 +120,12 @@ def reconcile(
     for group_id in [*logged, *sorted(unlogged)]:
         outcomes = [
             name
-            for name, members in (("trained", trained_set), ("stale", stale_set), ("dead", dead_set))
+            for name, members in (
+                ("trained", trained_set),
+                ("stale", stale_set),
+                ("skipped", skipped_set),
+                ("dead", dead_set),
+            )
             if group_id in members
         ]
         if len(outcomes) > 1:
@@ -147,6 +155,7 @@ def reconcile(
         letter = letters.get(group_id)
         ledger.dead[letter.kind if letter else "no record"] += 1
     ledger.stale = len(stale_set)
+    ledger.skipped = len(skipped_set)
     if set(trained_ids) != trained_set:
         ledger.problems.append(
             f"metrics.jsonl and the trained set disagree: {len(set(trained_ids) - trained_set)} trained but not "
@@ -237,6 +246,7 @@ def summary(ledger: Ledger) -> dict[str, object]:
         "dead_lettered": sum(ledger.dead.values()),
         "dead_by_kind": dict(ledger.dead),
         "stale": ledger.stale,
+        "skipped": ledger.skipped,
         "left_in_queue": ledger.left_in_queue,
         "lost": len(ledger.lost),
         "trained_twice": len(ledger.trained_twice),

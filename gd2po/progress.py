@@ -118,7 +118,7 @@ def render(snapshot: Snapshot) -> Table:
     table.add_row("step", f"{int(last.get('step', 0))}/{snapshot.total_steps}")
     for name in reward_names(steps):
         table.add_row(f"reward {name} (mean)", _reward_cell(steps, name))
-    for key in ("conflict_ratio", "drop_ratio", "keep_ratio", "loss"):
+    for key in ("conflict_ratio", "drop_ratio", "keep_ratio", "informative_ratio", "loss"):
         if key in last:
             table.add_row(key, f"{last[key]:.4f}")
     speed = sum(replica.get("gd2po_rollout_tokens_per_second", 0.0) for replica in rollout)

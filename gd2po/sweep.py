@@ -195,9 +195,16 @@ def plan(config: Path, arms: list[Arm], seeds: list[int], sweep_dir: Path) -> li
 
 
 def finished(run: PlannedRun) -> bool:
-    """The run folder holds every step of the run and its end-of-run summary."""
-    total = load_config(run.config_path).trainer.total_steps
-    return (run.run_dir / "summary.txt").is_file() and len(read_steps(run.run_dir)) >= total
+    """The run folder holds every step of the run (``trainer.total_steps``, or steps up to its
+    ``trainer.total_samples`` budget) and its end-of-run summary."""
+    trainer = load_config(run.config_path).trainer
+    steps = read_steps(run.run_dir)
+    if not (run.run_dir / "summary.txt").is_file() or not steps:
+        return False
+    budget = trainer.total_samples
+    return len(steps) >= trainer.total_steps or (
+        budget is not None and steps[-1].get("samples_read_total", 0) >= budget
+    )
 
 
 def run_sweep(

@@ -8,6 +8,7 @@ from the environment. A misspelt key or a wrong type fails at start with the dot
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -247,7 +248,8 @@ class RolloutConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling; training rollouts need 1 (nucleus log-probs are renormalised)."""
     max_backlog: int = Field(default=64, ge=1)
-    """Pause generation above this many unconsumed groups."""
+    """Pause generation above this many unconsumed groups. With ``trainer.dynamic_sampling`` clamped into
+    [ceil(oversample · prompts_per_step), max_staleness · prompts_per_step] (docs/architecture.md §2.2)."""
     kv_cache_gib: float = Field(default=1.0, gt=0)
     """vLLM KV-cache size in GiB."""
     enforce_eager: bool = True
@@ -471,6 +473,21 @@ class CheckpointConfig(_Section):
     """Checkpoints kept; older ones are deleted."""
 
 
+class DynamicSamplingConfig(_Section):
+    """Informative batches (an extension beyond the paper, DAPO's dynamic sampling for several rewards;
+    trainer/sampling.py): a group that carries no gradient — every reward equal within it, or the
+    estimator keeps none of it (GD²PO κ = 0) — does not count toward the step. The trainer keeps reading
+    until it holds ``prompts_per_step`` informative groups or has read ``ceil(oversample ·
+    prompts_per_step)``; the groups without signal are acknowledged as skipped (``<ns>:skipped``), or, when
+    the bound is reached first, fill the step and the record says so (``informative_groups`` below
+    ``groups``). With it the rollout's backlog bound is a formula (docs/architecture.md §2.2)."""
+
+    oversample: float = Field(default=2.0, ge=1, le=16)
+    """Most groups read per step, as a multiple of ``prompts_per_step`` (rounded up): the cost bound of one
+    step in generated groups. 1 reads no more than without dynamic sampling (only the order changes:
+    informative groups first)."""
+
+
 class LoraConfig(_Section):
     """Train LoRA adapters (PEFT) instead of the full model: the base weights stay frozen, the optimizer
     holds the adapters' parameters only, checkpoints save the adapters alone (plus the adapter in PEFT
@@ -562,6 +579,12 @@ class TrainerConfig(_Section):
     as ``other``, so the number of Prometheus series stays bounded. 0 turns the per-source metrics off."""
     total_steps: int = Field(default=10, ge=1)
     """Training steps; the trainer exits 0 after the last."""
+    total_samples: int | None = Field(default=None, ge=1)
+    """Also stop after the step at which the rollouts read reach this many (every group read: trained,
+    or skipped by ``dynamic_sampling``; stale ones not counted) — a budget in generated samples, so runs
+    with and without dynamic sampling compare at equal cost (bench/learning.py). Null: steps only."""
+    dynamic_sampling: DynamicSamplingConfig | None = None
+    """Null (the default) trains on the groups as they come; see DynamicSamplingConfig."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
     lora: LoraConfig | None = None
@@ -668,7 +691,37 @@ class ExperimentConfig(BaseSettings):
                 "each wait for the trainer all generate at once: their groups outnumber a step's and go "
                 "off-policy)"
             )
+        sampling = self.trainer.dynamic_sampling
+        if sampling is not None and not self.synchronous:
+            low, high = self.backlog_limits()
+            if low > high:
+                raise ValueError(
+                    f"trainer.dynamic_sampling.oversample {sampling.oversample} reads up to {low} groups a "
+                    f"step, more than trainer.max_staleness ({self.trainer.max_staleness}) x "
+                    f"trainer.prompts_per_step ({self.trainer.prompts_per_step}) = {high} the backlog may "
+                    "hold before its groups go stale: raise trainer.max_staleness or lower oversample"
+                )
         return self
+
+    def backlog_limits(self) -> tuple[int, int]:
+        """(lowest, highest) backlog bound under ``trainer.dynamic_sampling`` (docs/architecture.md §2.2):
+        at least the most groups a step reads, ceil(oversample · prompts_per_step), so the rollout never
+        pauses while the trainer waits inside a step; at most max_staleness · prompts_per_step, so a
+        group with fewer groups ahead of it is read within max_staleness steps (every step reads at
+        least prompts_per_step)."""
+        trainer = self.trainer
+        oversample = trainer.dynamic_sampling.oversample if trainer.dynamic_sampling else 1.0
+        low = math.ceil(oversample * trainer.prompts_per_step)
+        return low, trainer.max_staleness * trainer.prompts_per_step
+
+    @property
+    def backlog_bound(self) -> int:
+        """Unconsumed groups at which the rollout pauses (asynchronous mode): ``rollout.max_backlog``, and
+        with ``trainer.dynamic_sampling`` that value clamped into :meth:`backlog_limits`."""
+        if self.trainer.dynamic_sampling is None:
+            return self.rollout.max_backlog
+        low, high = self.backlog_limits()
+        return min(max(self.rollout.max_backlog, low), high)
 
     @property
     def reward_names(self) -> list[str]:

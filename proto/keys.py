@@ -58,13 +58,26 @@ class RedisKeys:
         return f"{self.namespace}:stale"
 
     @property
+    def skipped(self) -> str:
+        """Set of group ids read and not trained because they carry no gradient (every reward equal within
+        the group, or the estimator keeps none of it): ``trainer.dynamic_sampling``."""
+        return f"{self.namespace}:skipped"
+
+    @property
+    def groups_wanted(self) -> str:
+        """String ``<policy version>:<groups read>:<groups wanted>:<trainer session>``: a synchronous trainer under
+        ``trainer.dynamic_sampling`` that has read every group and still lacks informative ones asks the
+        rollout for another batch at that version (proto/stream.py, :func:`want_more_groups`)."""
+        return f"{self.namespace}:groups_wanted"
+
+    @property
     def dead(self) -> str:
         """Set of group ids that went to the dead-letter stream, whoever sent them (rollout or trainer)."""
         return f"{self.namespace}:dead"
 
     @property
     def produced(self) -> str:
-        """Counter of groups produced; with the three sets it lets tests account for every group."""
+        """Counter of groups produced; with the ledger sets it lets tests account for every group."""
         return f"{self.namespace}:produced"
 
     @property

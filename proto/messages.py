@@ -170,6 +170,11 @@ class OpenRLHFResponse(_WireModel):
     rewards: list[float]
 
 
+GENERATION_SECONDS = "generation_seconds"
+"""``ScoredGroup.metadata`` key: the rollout's seconds spent generating the group (its batch's generation
+time divided by the batch's groups), what a group the trainer skips cost (``trainer.dynamic_sampling``)."""
+
+
 class ScoredGroup(_WireModel):
     """G completions of one prompt with a K×G reward table: the unit the trainer consumes."""
 
@@ -184,7 +189,10 @@ class ScoredGroup(_WireModel):
     created_at: float = Field(description="Unix time generation started.")
     scored_at: float = Field(description="Unix time the last reward arrived.")
     producer_id: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="From the rollout: label, data_source (the prompt's), generation_seconds.",
+    )
 
     @model_validator(mode="after")
     def _table_is_k_by_g(self) -> ScoredGroup:

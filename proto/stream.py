@@ -124,3 +124,40 @@ def _count_after(client: redis.Redis, stream: str, last_id: str) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class GroupsWanted:
+    """A synchronous trainer's request for another batch (:func:`want_more_groups`)."""
+
+    policy_version: int
+    groups: int
+    """Groups wanted: the step's missing informative groups, within its read bound."""
+    request: str
+    """The whole request; the rollout serves each distinct one once."""
+
+
+def want_more_groups(
+    client: redis.Redis, keys: RedisKeys, policy_version: int, groups_read: int, groups: int, session: str
+) -> None:
+    """The trainer asks for a batch of ``groups`` more groups: it is at ``policy_version``, has read
+    ``groups_read`` groups this step and every one the stream held, and still lacks informative ones
+    (``trainer.dynamic_sampling`` in a synchronous run, where the rollout otherwise waits for a new
+    version while the trainer waits for groups). The trainer reads every group of such a batch in the
+    same step, so none is left to go stale. Repeating a request is a no-op for the rollout, which serves
+    each distinct one once; ``session`` (one per trainer process) keeps a restarted trainer's first request
+    from looking served."""
+    client.set(keys.groups_wanted, f"{policy_version}:{groups_read}:{groups}:{session}")
+
+
+def groups_wanted(client: redis.Redis, keys: RedisKeys) -> GroupsWanted | None:
+    """The trainer's latest request, or None (none yet, or not one :func:`want_more_groups` wrote)."""
+    raw = client.get(keys.groups_wanted)
+    if raw is None:
+        return None
+    request = _text(raw)
+    try:
+        version, _, groups, _ = request.split(":", 3)
+        return GroupsWanted(int(version), int(groups), request) if int(groups) > 0 else None
+    except ValueError:
+        return None

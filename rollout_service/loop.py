@@ -15,6 +15,7 @@ import uuid
 
 from proto import Completion, DeadLetter, PromptRecord, ScoredGroup, ScoreItem
 from proto.config import ExperimentConfig
+from proto.messages import GENERATION_SECONDS
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.producer import Producer
@@ -92,10 +93,18 @@ class RolloutLoop:
         self.producer_id = producer_id or f"rollout-{self.session}"
         self.batches = 0
         self.last_version = 0
+        self.served_request: str | None = None  # the trainer's last request for more groups served
+        self.batch_prompts = config.rollout.prompts_per_batch  # the next batch's; a request sets it
         self.stopping = asyncio.Event()
         self.sampling = training_sampling(config)
 
     async def run(self) -> None:
+        if not self.config.synchronous:
+            how = "rollout.max_backlog"
+            if self.config.trainer.dynamic_sampling is not None:
+                low, high = self.config.backlog_limits()
+                how += f" clamped into [{low}, {high}] by trainer.dynamic_sampling"
+            log.info("pausing generation at %d unconsumed groups (%s)", self.config.backlog_bound, how)
         scoring: asyncio.Task | None = None
         try:
             while not self.stopping.is_set() and not self._done():
@@ -103,7 +112,7 @@ class RolloutLoop:
                 if self.stopping.is_set():
                     break
                 await asyncio.to_thread(self.policy.sync)
-                batch = await asyncio.to_thread(self._generate)
+                batch = await asyncio.to_thread(self._generate, self.batch_prompts)
                 if scoring is not None:
                     await scoring  # keep at most one batch in scoring
                 scoring = asyncio.create_task(self._score_and_publish(*batch))
@@ -139,14 +148,43 @@ class RolloutLoop:
 
     def _may_generate(self, depth: int) -> bool:
         if not self.config.synchronous:
-            return depth < self.config.rollout.max_backlog
+            return depth < self.config.backlog_bound
         if self.batches == 0:
             return True
+        if depth:
+            return False
         announced = self.policy.announced()
-        return depth == 0 and announced is not None and announced.version > self.last_version
+        if announced is not None and announced.version > self.last_version:
+            self.served_request = None  # requests of older versions are obsolete
+            self.batch_prompts = self.config.rollout.prompts_per_batch
+            return True
+        return self._more_wanted()
 
-    def _generate(self) -> tuple[list[PromptRecord], list[list[int]], list[list[Completion]], int, float]:
-        count = self.config.rollout.prompts_per_batch
+    def _more_wanted(self) -> bool:
+        """Synchronous ``trainer.dynamic_sampling``: the trainer read every group at the version this
+        rollout samples and still lacks informative ones (proto.stream.want_more_groups). Each request
+        is served by one batch of the groups wanted at that same version, so the extra groups are
+        on-policy too and the trainer reads them all within the step."""
+        if self.config.trainer.dynamic_sampling is None:
+            return False
+        wanted = self.producer.groups_wanted()
+        if (
+            wanted is None
+            or wanted.policy_version != self.last_version
+            or wanted.request == self.served_request
+        ):
+            return False
+        self.served_request = wanted.request
+        self.batch_prompts = wanted.groups  # exactly what the trainer reads in this step: none goes stale
+        log.info("the trainer wants %d more group(s) at version %d", wanted.groups, wanted.policy_version)
+        return True
+
+    def _generate(
+        self, count: int
+    ) -> tuple[list[PromptRecord], list[list[int]], list[list[Completion]], int, float, float]:
+        """One batch: its prompt records and token ids, G completions each, the policy version sampled,
+        the start time, and each group's share of the generation seconds (the batch's time divided by
+        its groups; metadata ``generation_seconds``, what a group the trainer skips cost)."""
         records = self.prompts.at(self.producer.claim_prompts(count), count)
         prompt_ids = [self.engine.prompt_ids([m.model_dump() for m in r.messages]) for r in records]
         version, started = self.policy.version, time.time()
@@ -158,7 +196,7 @@ class RolloutLoop:
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.tokens.inc(tokens)
         self.metrics.tokens_per_second.set(tokens / elapsed if elapsed > 0 else 0.0)
-        return records, prompt_ids, completions, version, started
+        return records, prompt_ids, completions, version, started, elapsed / max(len(records), 1)
 
     async def _score_and_publish(
         self,
@@ -167,6 +205,7 @@ class RolloutLoop:
         completions: list[list[Completion]],
         version: int,
         started: float,
+        generation_seconds: float,
     ) -> None:
         group_ids = [f"{self.producer_id}-{self.session}-{self.batches}-{i}" for i in range(len(records))]
         scored, dead = [], []
@@ -211,7 +250,11 @@ class RolloutLoop:
                     created_at=started,
                     scored_at=time.time(),
                     producer_id=self.producer_id,
-                    metadata={"label": record.label, "data_source": record.data_source},
+                    metadata={
+                        "label": record.label,
+                        "data_source": record.data_source,
+                        GENERATION_SECONDS: generation_seconds,
+                    },
                 )
             )
         if dead:

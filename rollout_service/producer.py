@@ -17,7 +17,14 @@ from proto.audit import AuditLog, ProducedGroup
 from proto.deadletter import add_dead_letter
 from proto.keys import RedisKeys
 from proto.startup import StartupError
-from proto.stream import QueueState, ensure_consumer_group, entry_fields, queue_state
+from proto.stream import (
+    GroupsWanted,
+    QueueState,
+    ensure_consumer_group,
+    entry_fields,
+    groups_wanted,
+    queue_state,
+)
 
 
 class PromptOrderMismatch(StartupError):
@@ -77,3 +84,7 @@ class Producer:
     def queue_state(self) -> QueueState:
         """The queue as every side reports it; its ``lag`` is the backlog that backpressure bounds."""
         return queue_state(self.client, self.keys)
+
+    def groups_wanted(self) -> GroupsWanted | None:
+        """The synchronous trainer's latest request for another batch (proto.stream.want_more_groups)."""
+        return groups_wanted(self.client, self.keys)

@@ -23,6 +23,9 @@ class TrainerState:
     step: int = 0
     policy_version: int = 0
     groups_trained: int = 0
+    samples_read: int = 0
+    """Rollouts of the groups read and not dropped as stale: trained, or skipped by
+    ``trainer.dynamic_sampling`` (what ``trainer.total_samples`` bounds)."""
     committing: list[str] = field(default_factory=list)
     tau: float | None = None
     """GD²PO-SNR's τ for the next step when ``trainer.advantage.adaptive_tau`` moves it; None otherwise."""

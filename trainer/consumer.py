@@ -1,7 +1,8 @@
 """Redis Streams consumer of ScoredGroups with the accounting the design promises.
 
 * Each group id ends in exactly one ledger set: ``trained`` (used by an optimizer step), ``stale``
-  (older than ``max_staleness`` policy versions; dropped and acknowledged) or ``dead`` (dead-lettered:
+  (older than ``max_staleness`` policy versions; dropped and acknowledged), ``skipped`` (read under
+  ``trainer.dynamic_sampling`` and acknowledged without training: no gradient) or ``dead`` (dead-lettered:
   by the rollout when a reward failed, by the trainer when the group cannot be trained or its entry
   does not decode).
 * Each group id is trained at most once. A copy of a group id already in a ledger set, or already
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -42,6 +44,23 @@ class Pulled:
 
     groups: list[ScoredGroup] = field(default_factory=list)
     entry_ids: list[bytes] = field(default_factory=list)
+    skipped: list[ScoredGroup] = field(default_factory=list)
+    """Read for this step and acknowledged as skipped: no gradient (dynamic sampling)."""
+    informative: int = 0
+    """How many of ``groups`` carry a gradient (all of them without dynamic sampling)."""
+
+
+@dataclass(frozen=True)
+class StepSampling:
+    """How one step reads groups under dynamic sampling (built by trainer.sampling.step_sampling)."""
+
+    informative: Callable[[ScoredGroup], bool]
+    read_limit: int
+    """Most groups (fresh, trainable, first copies) read for one step: ceil(oversample · prompts_per_step)."""
+    starved: Callable[[int, int], None] | None = None
+    """Called with (groups read so far, groups still wanted) when a read came back empty and the step
+    still lacks informative groups; groups wanted is the missing informative groups within the read
+    bound (a synchronous run asks the rollout for that many: proto.stream.want_more_groups)."""
 
 
 @dataclass
@@ -49,6 +68,7 @@ class Counts:
     """Running totals of what :meth:`GroupConsumer.pull` did not train, and the ages it accepted."""
 
     stale: int = 0
+    skipped: int = 0
     stale_producers: list[str] = field(default_factory=list)
     """Producer id of each stale group since the trainer last drained the list (per-replica metrics)."""
     duplicate: int = 0
@@ -93,32 +113,94 @@ class GroupConsumer:
             log.info("reclaimed %d pending group(s)", len(claimed))
         return claimed
 
-    def _read(self, count: int) -> list[tuple[bytes, dict]]:
+    def _read(self, count: int, *, block: bool = True) -> list[tuple[bytes, dict]]:
+        """Up to ``count`` entries: reclaimed ones first, then new ones, waiting up to ``block_ms`` for
+        the first (``block``) or not at all."""
         if self._claimed:
             taken, self._claimed = self._claimed[:count], self._claimed[count:]
             return taken
         answer = self.client.xreadgroup(
-            self.keys.trainer_group, self.consumer, {self.keys.groups: ">"}, count=count, block=self.block_ms
+            self.keys.trainer_group,
+            self.consumer,
+            {self.keys.groups: ">"},
+            count=count,
+            block=self.block_ms if block else None,
         )
         return [entry for _, entries in answer or [] for entry in entries]
 
     def pull(
-        self, prompts: int, current_version: int, max_staleness: int, counts: Counts, stop=lambda: False
+        self,
+        prompts: int,
+        current_version: int,
+        max_staleness: int,
+        counts: Counts,
+        stop=lambda: False,
+        sampling: StepSampling | None = None,
     ) -> Pulled:
         """Block until ``prompts`` fresh, trainable groups never trained before are in hand (or ``stop()``).
 
         Every other entry read on the way is acknowledged now and counted in ``counts``: duplicates,
-        stale groups (``stale`` ledger), untrainable groups and undecodable entries (dead-lettered)."""
-        pulled = Pulled()
-        while len(pulled.groups) < prompts and not stop():
-            for entry_id, fields in self._read(prompts - len(pulled.groups)):
+        stale groups (``stale`` ledger), untrainable groups and undecodable entries (dead-lettered).
+
+        With ``sampling`` (``trainer.dynamic_sampling``) only informative groups count toward ``prompts``:
+        the others are held while reading goes on, up to ``sampling.read_limit`` groups. Once the step is
+        full they are acknowledged as skipped (``skipped`` ledger); when the limit comes first they fill
+        the step, oldest first, and ``Pulled.informative`` says how many groups carry a gradient. A stop
+        leaves them pending (delivered again to the next trainer)."""
+        pulled, held = Pulled(), Pulled()
+        limit = sampling.read_limit if sampling is not None else prompts
+        read, dry = 0, False
+        starved = sampling.starved if sampling is not None else None
+        while len(pulled.groups) < prompts and read < limit and not stop():
+            wanted = min(prompts - len(pulled.groups), limit - read)
+            # Whoever waits on `starved` learns at once that the stream ran dry mid-step: look without
+            # blocking first, then block (and repeat the no-op call) until groups come.
+            entries = self._read(wanted, block=starved is None or read == 0 or dry)
+            dry = not entries
+            if dry and starved is not None:
+                starved(read, wanted)
+            for entry_id, fields in entries:
                 group = self._admit(entry_id, fields, current_version, max_staleness, counts)
-                if group is not None:
-                    self._in_flight.add(group.group_id)
-                    counts.staleness.append(current_version - group.policy_version)
-                    pulled.groups.append(group)
-                    pulled.entry_ids.append(entry_id)
+                if group is None:
+                    continue
+                read += 1
+                self._in_flight.add(group.group_id)
+                target = pulled if sampling is None or sampling.informative(group) else held
+                target.groups.append(group)
+                target.entry_ids.append(entry_id)
+        pulled.informative = len(pulled.groups)
+        if len(pulled.groups) < prompts and read < limit:  # stopping: nothing skipped, all stays pending
+            self._in_flight.difference_update(g.group_id for g in held.groups)
+            return pulled
+        fill = prompts - len(pulled.groups)
+        if fill:
+            log.warning(
+                "read %d groups (trainer.dynamic_sampling bound); %d of %d carry a gradient, %d without "
+                "signal fill the step",
+                read,
+                len(pulled.groups),
+                prompts,
+                fill,
+            )
+        pulled.groups += held.groups[:fill]
+        pulled.entry_ids += held.entry_ids[:fill]
+        for group in pulled.groups:
+            counts.staleness.append(current_version - group.policy_version)
+        self._skip(held.groups[fill:], held.entry_ids[fill:], counts)
+        pulled.skipped = held.groups[fill:]
         return pulled
+
+    def _skip(self, groups: list[ScoredGroup], entry_ids: list[bytes], counts: Counts) -> None:
+        """Record groups without signal as skipped and acknowledge them, atomically: a skipped group is
+        never trained, so it needs no checkpoint before its acknowledgement (as a stale one)."""
+        if not groups:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(self.keys.skipped, *[g.group_id for g in groups])
+        pipe.xack(self.keys.groups, self.keys.trainer_group, *entry_ids)
+        pipe.execute()
+        counts.skipped += len(groups)
+        self._in_flight.difference_update(g.group_id for g in groups)
 
     def _admit(
         self, entry_id: bytes, fields: dict, current_version: int, max_staleness: int, counts: Counts
@@ -170,11 +252,11 @@ class GroupConsumer:
         return group
 
     def _seen(self, group_id: str) -> bool:
-        """Pulled and not yet committed, or already in a ledger set (trained, stale or dead)."""
+        """Pulled and not yet committed, or already in a ledger set (trained, stale, skipped or dead)."""
         if group_id in self._in_flight:
             return True
         pipe = self.client.pipeline(transaction=False)
-        for ledger in (self.keys.trained, self.keys.stale, self.keys.dead):
+        for ledger in (self.keys.trained, self.keys.stale, self.keys.skipped, self.keys.dead):
             pipe.sismember(ledger, group_id)
         return any(pipe.execute())
 

@@ -19,9 +19,10 @@ PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
 """What a step's time is split into (``gd2po_trainer_step_phase_seconds{phase}``, ``phase/<name>`` in the
 record): waiting for groups (the pull), advantages, forward+backward and optimizer steps (the learning),
 weight publishing."""
-GROUP_OUTCOMES = ("trained", "stale", "duplicate", "untrainable", "undecodable")
+GROUP_OUTCOMES = ("trained", "stale", "skipped", "duplicate", "untrainable", "undecodable")
 """Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
-as too stale, skipped as a second copy, or dead-lettered because it cannot be trained or does not decode."""
+as too stale, skipped without signal (``trainer.dynamic_sampling``), skipped as a second copy, or
+dead-lettered because it cannot be trained or does not decode."""
 PRODUCER_LABELS = 16
 """Rollout replicas (producer ids) that keep their own label; later ones count as ``other``. ``gd2po up``
 names replicas rollout-0, rollout-1, …; unnamed replicas (compose, Helm) get a new random name per process
@@ -43,6 +44,9 @@ SCALARS = {
     "tokens_per_second": "Response tokens trained per second of step time (skipped idle rows not counted)",
     "rows_trained": "Rollouts forwarded per optimizer step (rows with an all-zero advantage are skipped)",
     "optimizer_steps": "Optimizer steps in the last trainer step (0 when no rollout had a gradient)",
+    "groups_read_per_trained": "Groups read per group trained in the last step (above 1: trainer.dynamic_sampling skipped some)",
+    "informative_ratio": "Fraction of the last step's groups read that carry a gradient under the estimator",
+    "informative_groups": "Groups of the last step's batch that carry a gradient (below its groups: the read bound filled it)",
     **QUEUE_METRICS,
     "step": "Last completed trainer step",
     "policy_version": "Version of the last published policy",
@@ -90,6 +94,17 @@ class TrainerMetrics:
         )
         self.reward_mean = Gauge("gd2po_trainer_reward_mean", "Mean raw reward", ["reward"], registry=r)
         self.reward_std = Gauge("gd2po_trainer_reward_std", "Std of raw rewards", ["reward"], registry=r)
+        self.reward_informative = Gauge(
+            "gd2po_trainer_reward_informative_ratio",
+            "Fraction of the last step's groups read whose rewards in this dimension are not all equal",
+            ["reward"],
+            registry=r,
+        )
+        self.skipped_generation_seconds = Counter(
+            "gd2po_trainer_skipped_generation_seconds",
+            "Rollout seconds spent generating groups the trainer skipped without signal (trainer.dynamic_sampling)",
+            registry=r,
+        )
         self.zero_std = Gauge(
             "gd2po_trainer_zero_std_group_ratio",
             "Groups whose reward has no variance",
@@ -166,6 +181,8 @@ class TrainerMetrics:
                 self.reward_mean.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("reward_std/"):
                 self.reward_std.labels(key.split("/", 1)[1]).set(value)
+            elif key.startswith("reward_informative_ratio/"):
+                self.reward_informative.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("zero_std_group_ratio/"):
                 self.zero_std.labels(key.split("/", 1)[1]).set(value)
             elif key.startswith("phase/"):
@@ -173,6 +190,7 @@ class TrainerMetrics:
         self._set_source_series(by_source)
         for ratio in keep_ratios:
             self.keep_distribution.observe(ratio)
+        self.skipped_generation_seconds.inc(step.get("skipped_generation_seconds", 0.0))
         if step.get("all_filtered", 0.0) >= 1.0:
             self.all_filtered.inc()
         self.steps.inc()

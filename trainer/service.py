@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -28,17 +29,19 @@ from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
 from proto.restarts import restart_metrics
 from proto.startup import require_model, wait_for_redis
+from proto.stream import want_more_groups
 from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
 from trainer.algorithms.adaptive_tau import TauController
 from trainer.batching import GroupRules, TrainBatch, build_batch
 from trainer.broadcaster import BroadcastPublisher
 from trainer.conflict_map import SourceLabels, conflict_map
-from trainer.consumer import Counts, GroupConsumer, Pulled
+from trainer.consumer import Counts, GroupConsumer, Pulled, StepSampling
 from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
+from trainer.sampling import InformativeRule, read_metrics, step_sampling
 from trainer.step import advantages_for, estimate_advantages, train_on
 from trainer.trackers import StepRollouts, Trackers
 
@@ -66,6 +69,11 @@ class Trainer:
         self.publish_failures_total = self.publish_failures_in_a_row = 0
         self.tau_controller: TauController | None = None  # set once a resumed checkpoint's τ is known
         self.source_labels = SourceLabels(config.trainer.conflict_map_sources)
+        self.informative = InformativeRule(
+            config, tau=lambda: self.tau_controller.tau if self.tau_controller else None
+        )
+        self.sampling: StepSampling | None = None  # trainer.dynamic_sampling, set once Redis is connected
+        self.session = uuid.uuid4().hex[:8]
 
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self, *, export: bool = True) -> FastAPI:
@@ -170,13 +178,14 @@ class Trainer:
         if rank == 0:  # after the resume read it, whatever the transport: no process serves it any more
             client.delete(self.keys.weights_offer)
         self.tau_controller = tau_controller(self.config, state.tau)
+        self.sampling = step_sampling(self.config, self.informative, self._starved(client, state))
         journal = JsonlLog(self.run_dir / "metrics.jsonl")
         counts = Counts()
         uncommitted = Pulled()
         self.ready = True
         progress = StepProgress(self.total_steps, start=state.step) if rank == 0 else None
         try:
-            while state.step < self.total_steps and not self.stopping.is_set():
+            while not self._budget_spent(state) and not self.stopping.is_set():
                 step = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
                 if step is None:
                     break
@@ -187,13 +196,34 @@ class Trainer:
                         trackers.report(record, rollouts)
                     if progress:
                         progress.update(record)
-                if state.step % self.config.trainer.checkpoint.every == 0 or state.step == self.total_steps:
+                if state.step % self.config.trainer.checkpoint.every == 0 or self._budget_spent(state):
                     self._checkpoint_and_commit(engine, consumer, state, uncommitted)
         finally:
             publisher.close()  # the last version is announced before the trainer reports done
             if progress:
                 progress.close()
         return state
+
+    def _budget_spent(self, state: checkpoint.TrainerState) -> bool:
+        """``total_steps`` done, or ``trainer.total_samples`` rollouts read (trained or skipped)."""
+        budget = self.config.trainer.total_samples
+        return state.step >= self.total_steps or (budget is not None and state.samples_read >= budget)
+
+    def _starved(self, client, state: checkpoint.TrainerState):
+        """What the consumer calls when a read comes back empty under dynamic sampling: a synchronous
+        run asks the rollout for a batch of the groups it still wants, at this version, once the step has
+        read something (before that it is waiting for the batch of the new version, which the rollout
+        generates anyway)."""
+        if not self.config.synchronous:
+            return None
+
+        def ask(groups_read: int, groups_wanted: int) -> None:
+            if groups_read:
+                want_more_groups(
+                    client, self.keys, state.policy_version, groups_read, groups_wanted, self.session
+                )
+
+        return ask
 
     def _checkpoint_and_commit(
         self,
@@ -232,7 +262,10 @@ class Trainer:
         timer = StepTimer()
         with timer.phase("wait"):
             pulled = self._pull(consumer, state, counts)
-            groups = _broadcast(pulled.groups)
+            # Every rank records the skipped groups too: the sample budget must end every rank's loop alike.
+            groups, pulled.skipped, pulled.informative = _broadcast(
+                (pulled.groups, pulled.skipped, pulled.informative)
+            )
         if len(groups) < self.config.trainer.prompts_per_step:
             return None  # stopping
         batch, estimate, record = self._learn(engine, groups, state, timer)
@@ -250,15 +283,17 @@ class Trainer:
         if consumer is None:
             return Pulled()
         trainer = self.config.trainer
-        before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable)
+        before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable, counts.skipped)
         pulled = consumer.pull(
             trainer.prompts_per_step,
             state.policy_version,
             trainer.max_staleness,
             counts,
             self.stopping.is_set,
+            self.sampling,
         )
         self.metrics.groups.labels("stale").inc(counts.stale - before[0])
+        self.metrics.groups.labels("skipped").inc(counts.skipped - before[4])
         self.metrics.count_stale(counts.stale_producers)
         counts.stale_producers.clear()
         self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
@@ -368,8 +403,11 @@ class Trainer:
                 self.metrics.staleness.observe(age)
             record.update(self.metrics.record_producers([g.producer_id for g in groups], staleness))
         state.groups_trained += len(groups)
+        state.samples_read += sum(g.group_size for g in (*groups, *pulled.skipped))
         wait = timer.seconds["wait"]
         record.update(estimate.metrics)
+        informative = pulled.informative if self.sampling else sum(map(self.informative, groups))
+        record.update(read_metrics(groups, pulled.skipped, informative, self.config.reward_names))
         record.update(
             {
                 "step": state.step,
@@ -380,6 +418,8 @@ class Trainer:
                 **timer.record(),
                 "staleness_mean": sum(staleness) / len(staleness),  # over groups, as the histogram
                 "stale_dropped_total": counts.stale,
+                "skipped_total": counts.skipped,
+                "samples_read_total": state.samples_read,
                 "duplicates_total": counts.duplicate,
                 "untrainable_total": counts.untrainable,
                 "undecodable_total": counts.undecodable,

@@ -39,19 +39,23 @@ def estimate_advantages(
     of its estimator, named as its keyword arguments (``adaptive_tau`` aside: it is the trainer's
     controller, whose current τ comes in as ``tau`` and replaces the configured one). Shapes as
     ``compute_advantages``: rewards [N, K], group_index [N], response_mask [N, T]."""
-    advantage = config.trainer.advantage
-    options = advantage.model_dump(exclude={"estimator", *TRAINER_CONTROLLED})
-    if tau is not None:
-        options["tau"] = tau
     return compute_advantages(
-        advantage.estimator,
+        config.trainer.advantage.estimator,
         rewards,
         group_index,
         response_mask,
-        weights=[r.weight for r in config.rewards],
-        reward_names=config.reward_names,
-        **options,
+        **estimator_options(config, tau),
     )
+
+
+def estimator_options(config: ExperimentConfig, tau: float | None = None) -> dict:
+    """The keyword arguments of ``compute_advantages`` (and ``informative_groups``) for this experiment:
+    ``trainer.advantage``'s options, the reward weights and names, and ``tau`` when given (the adaptive
+    controller's current τ) in place of the configured one."""
+    options = config.trainer.advantage.model_dump(exclude={"estimator", *TRAINER_CONTROLLED})
+    if tau is not None:
+        options["tau"] = tau
+    return {**options, "weights": [r.weight for r in config.rewards], "reward_names": config.reward_names}
 
 
 def _micro_batches(

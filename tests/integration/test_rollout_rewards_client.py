@@ -130,7 +130,7 @@ def test_failed_group_is_dead_lettered_with_the_reason(redis_url: str) -> None:
         )
         record = PromptRecord(prompt_id="p0", messages=[{"role": "user", "content": "q"}], label="gt")
         group = [Completion(token_ids=[1], logprobs=[-0.5], text="a", finish_reason="stop")] * 2
-        asyncio.run(loop._score_and_publish([record], [[5, 6]], [group], 3, time.time()))
+        asyncio.run(loop._score_and_publish([record], [[5, 6]], [group], 3, time.time(), 0.5))
     assert client.xlen(keys.groups) == 0  # no group with a fabricated score
     ((_, fields),) = client.xrange(keys.deadletter)
     letter = decode(entry_message(fields), DeadLetter)

@@ -96,6 +96,8 @@ def test_groups_arrive_with_the_right_shapes(rollout) -> None:
         assert all(len(scores) == G for scores in group.rewards.values())
         assert group.policy_version == 0
         assert group.metadata["label"].startswith("<think>")  # ground truth travelled with the prompt
+        # Its share of the batch's generation time: what skipping it would waste (trainer.dynamic_sampling).
+        assert 0 < group.metadata["generation_seconds"] < 600
         for completion in group.completions:
             assert 0 < len(completion.token_ids) <= 16
             assert len(completion.logprobs) == len(completion.token_ids)

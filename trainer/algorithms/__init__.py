@@ -4,7 +4,7 @@
 estimators are one function registered with `@register_estimator("name")` (see `estimators`).
 """
 
-from trainer.algorithms.advantages import AdvantageEstimate, compute_advantages
+from trainer.algorithms.advantages import AdvantageEstimate, compute_advantages, informative_groups
 from trainer.algorithms.batch import Batch
 from trainer.algorithms.estimators import ESTIMATORS, Decision, register_estimator
 from trainer.algorithms.whitening import masked_whiten
@@ -15,6 +15,7 @@ __all__ = [
     "Batch",
     "Decision",
     "compute_advantages",
+    "informative_groups",
     "masked_whiten",
     "register_estimator",
 ]

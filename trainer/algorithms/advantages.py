@@ -2,14 +2,14 @@
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from trainer.algorithms.batch import Options, prepare_batch
+from trainer.algorithms.batch import Batch, Options, prepare_batch
 from trainer.algorithms.estimators import ESTIMATORS, KEEP_RULES, Decision
-from trainer.algorithms.grouping import make_groups
+from trainer.algorithms.grouping import group_sum, make_groups
 from trainer.algorithms.metrics import advantage_metrics
 from trainer.algorithms.whitening import masked_whiten
 
@@ -84,27 +84,95 @@ def compute_advantages(
             (A beyond ±eps, sign flipped for negative weights).
     grpo/gdpo report the same conflict metrics, with drop_ratio 0 and keep_ratio 1.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
-    if keep_rule not in KEEP_RULES:
-        raise ValueError(f"unknown keep_rule {keep_rule!r}; known: {', '.join(sorted(KEEP_RULES))}")
-    rewards64, group_ids, response_mask = _check_tensors(rewards, group_ids, response_mask)
-    names = _check_names(reward_names, rewards64.shape[1])
-    options = Options(
-        tau=min(max(_finite("tau", tau), 0.0), 1.0),
-        eps=_check_eps(eps),
-        norm_by_std=bool(norm_by_std),
-        whiten=_check_whiten(whiten),
-        keep_rule=keep_rule,
-        reweight=bool(reweight),
-        filter=bool(filter),
+    batch, decision, response_mask = _decide(
+        estimator,
+        rewards,
+        group_ids,
+        response_mask,
+        _requested(
+            tau=tau,
+            eps=eps,
+            norm_by_std=norm_by_std,
+            whiten=whiten,
+            keep_rule=keep_rule,
+            reweight=reweight,
+            filter=filter,
+        ),
+        weights,
     )
-    batch = prepare_batch(rewards64, _check_weights(weights, rewards64), make_groups(group_ids), options)
-    decision = ESTIMATORS[estimator](batch)
-    per_rollout, single_kept_token = _per_rollout_advantages(decision, response_mask, options.whiten)
+    names = _check_names(reward_names, batch.rewards.shape[1])
+    per_rollout, single_kept_token = _per_rollout_advantages(decision, response_mask, batch.options.whiten)
     advantages = (per_rollout.to(torch.float32).unsqueeze(1) * response_mask).to(torch.float32)
     metrics = advantage_metrics(batch, decision, names, single_kept_token=single_kept_token)
     return AdvantageEstimate(advantages, metrics, decision.group_keep)
+
+
+def informative_groups(
+    estimator: str, rewards: Tensor, group_ids: Tensor, has_response: Tensor, **options: Any
+) -> Tensor:
+    """[G] bool, in ascending group-id order: whether each group carries a policy gradient under
+    ``estimator`` — some rollout with a response token is kept with a nonzero score before whitening.
+
+    False exactly when every reward is constant within the group (every per-reward advantage is 0, §2),
+    when the estimator keeps none of its rollouts (GD²PO κ = 0 with the filter on), when κ = 0 scales
+    every score to 0 (the "κ without filter" ablation), or when the combined score is 0 anyway (GRPO on
+    rewards whose weighted sum is constant). It depends only on the group's own rollouts (whitening is
+    left out: it shifts a whole batch and adds no signal within a group), so the trainer can decide it
+    one group at a time (``trainer.dynamic_sampling``, trainer/sampling.py).
+
+    ``rewards`` [N, K] and ``group_ids`` [N] as in :func:`compute_advantages`, ``has_response`` [N] bool;
+    ``options`` are its keyword options, with its defaults and errors (``whiten`` and ``reward_names``
+    change nothing here, so an experiment's options pass through unchanged)."""
+    options.pop("reward_names", None)
+    weights = options.pop("weights", None)
+    has_response = torch.as_tensor(has_response).to(torch.bool)
+    batch, decision, _ = _decide(
+        estimator, rewards, group_ids, has_response.unsqueeze(1), _requested(**options), weights
+    )
+    carries = decision.keep & (decision.scores != 0) & has_response.to(decision.keep.device)
+    return group_sum(carries.to(torch.float64).unsqueeze(1), batch.groups).squeeze(1) > 0
+
+
+def _requested(
+    *,
+    tau: float = 0.8,
+    eps: float = 1e-8,
+    norm_by_std: bool = True,
+    whiten: bool | str = True,
+    keep_rule: str = "release",
+    reweight: bool = True,
+    filter: bool = True,
+) -> Options:
+    """The estimator options as given (validated by `_decide`), with `compute_advantages`' defaults."""
+    return Options(tau, eps, norm_by_std, whiten, keep_rule, reweight, filter)
+
+
+def _decide(
+    estimator: str,
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor,
+    requested: Options,
+    weights: Sequence[float] | Tensor | None,
+) -> tuple[Batch, Decision, Tensor]:
+    """Validate the inputs and options, prepare the batch and run the estimator: (batch, its decision,
+    the checked response mask)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
+    if requested.keep_rule not in KEEP_RULES:
+        raise ValueError(f"unknown keep_rule {requested.keep_rule!r}; known: {', '.join(sorted(KEEP_RULES))}")
+    rewards64, group_ids, response_mask = _check_tensors(rewards, group_ids, response_mask)
+    options = Options(
+        tau=min(max(_finite("tau", requested.tau), 0.0), 1.0),
+        eps=_check_eps(requested.eps),
+        norm_by_std=bool(requested.norm_by_std),
+        whiten=_check_whiten(requested.whiten),
+        keep_rule=requested.keep_rule,
+        reweight=bool(requested.reweight),
+        filter=bool(requested.filter),
+    )
+    batch = prepare_batch(rewards64, _check_weights(weights, rewards64), make_groups(group_ids), options)
+    return batch, ESTIMATORS[estimator](batch), response_mask
 
 
 def _per_rollout_advantages(decision: Decision, response_mask: Tensor, whiten: bool) -> tuple[Tensor, bool]:

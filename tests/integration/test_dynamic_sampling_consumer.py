@@ -1,0 +1,139 @@
+"""The trainer's consumer under ``trainer.dynamic_sampling``, against a real Redis: informative groups
+fill the step, groups without signal are acknowledged once as skipped (a ledger set of their own, never
+trained, never delivered again), the read bound fills the step with held groups and says so, a stop
+skips nothing, and every produced group ends in exactly one ledger set."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from trainer_data import tiny_group
+
+from proto import encode
+from proto.keys import RedisKeys
+from proto.stream import entry_fields
+from trainer.consumer import Counts, GroupConsumer, StepSampling
+
+pytestmark = pytest.mark.integration
+KEYS = RedisKeys()
+SIGNAL = {"a": [0.0, 1.0]}
+FLAT = {"a": [1.0, 1.0]}
+
+
+def informative(group) -> bool:
+    """The rule's stand-in here: the rule itself is tested in tests/unit/test_informative_groups.py."""
+    return len(set(group.rewards["a"])) > 1
+
+
+def push(client: redis.Redis, *groups) -> None:
+    for g in groups:
+        client.xadd(KEYS.groups, entry_fields(encode(g)))
+    client.incrby(KEYS.produced, len(groups))
+
+
+def ledger(client: redis.Redis) -> dict[str, set[str]]:
+    return {
+        name: {m.decode() for m in client.smembers(getattr(KEYS, name))}
+        for name in ("trained", "stale", "skipped", "dead")
+    }
+
+
+def pending(client: redis.Redis) -> int:
+    return client.xpending(KEYS.groups, KEYS.trainer_group)["pending"]
+
+
+def test_groups_without_signal_are_skipped_once_and_informative_ones_fill_the_step(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    push(
+        client,
+        tiny_group("flat-1", 3, FLAT),
+        tiny_group("sig-1", 3, SIGNAL),
+        tiny_group("flat-2", 3, FLAT),
+        tiny_group("sig-2", 3, SIGNAL),
+        tiny_group("sig-3", 3, SIGNAL),
+    )
+    counts = Counts()
+    sampling = StepSampling(informative=informative, read_limit=4)
+    pulled = consumer.pull(2, 3, 2, counts, sampling=sampling)
+    assert [g.group_id for g in pulled.groups] == ["sig-1", "sig-2"]
+    assert [g.group_id for g in pulled.skipped] == ["flat-1", "flat-2"]
+    assert pulled.informative == 2 and counts.skipped == 2
+    # Skipped groups are acknowledged at once; the trained ones stay pending until the commit.
+    assert ledger(client)["skipped"] == {"flat-1", "flat-2"} and pending(client) == 2
+    # A second copy of a skipped group (a retried XADD) is a duplicate, not trained.
+    push(client, tiny_group("flat-1", 3, SIGNAL), tiny_group("sig-4", 3, SIGNAL))
+    consumer.commit(pulled)
+    again = consumer.pull(2, 3, 2, counts, sampling=sampling)
+    assert [g.group_id for g in again.groups] == ["sig-3", "sig-4"] and counts.duplicate == 1
+    consumer.commit(again)
+    sets = ledger(client)
+    assert sets["trained"] == {"sig-1", "sig-2", "sig-3", "sig-4"} and sets["skipped"] == {"flat-1", "flat-2"}
+    assert pending(client) == 0
+    # Exactly once: the six distinct groups each in one set, none in two.
+    members = [g for s in sets.values() for g in s]
+    assert len(members) == len(set(members)) == 6
+
+
+def test_the_read_bound_fills_the_step_with_groups_without_signal(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    push(client, *(tiny_group(f"flat-{i}", 0, FLAT) for i in range(3)), tiny_group("sig", 0, SIGNAL))
+    counts = Counts()
+    pulled = consumer.pull(2, 0, 2, counts, sampling=StepSampling(informative=informative, read_limit=3))
+    # Three read (the bound), none informative: the two oldest fill the step, the third is skipped.
+    assert [g.group_id for g in pulled.groups] == ["flat-0", "flat-1"]
+    assert pulled.informative == 0 and [g.group_id for g in pulled.skipped] == ["flat-2"]
+    consumer.commit(pulled)
+    assert ledger(client)["trained"] == {"flat-0", "flat-1"} and ledger(client)["skipped"] == {"flat-2"}
+    nxt = consumer.pull(1, 0, 2, counts, sampling=StepSampling(informative=informative, read_limit=3))
+    assert [g.group_id for g in nxt.groups] == ["sig"]  # the unread group was never touched
+
+
+def test_a_stop_mid_step_skips_nothing_and_the_next_trainer_reads_it_all_again(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    push(client, tiny_group("flat", 0, FLAT), tiny_group("sig", 0, SIGNAL))
+    reads = []
+    sampling = StepSampling(informative=informative, read_limit=8, starved=lambda *asked: reads.append(asked))
+    stop_after_empty_read = lambda: bool(reads)  # noqa: E731 - the stream ran dry: the trainer is stopping
+    pulled = consumer.pull(3, 0, 2, Counts(), stop_after_empty_read, sampling)
+    assert reads == [(2, 2)]  # when the stream ran dry: 2 read, 2 more informative wanted
+    assert [g.group_id for g in pulled.groups] == ["sig"] and not pulled.skipped
+    assert not ledger(client)["skipped"] and pending(client) == 2  # both delivered again after a restart
+    restarted = GroupConsumer(client, KEYS, block_ms=50)
+    taken = restarted.pull(2, 0, 2, Counts())
+    assert [g.group_id for g in taken.groups] == ["flat", "sig"]
+
+
+def test_without_sampling_a_group_without_signal_trains_as_before(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    push(client, tiny_group("flat", 0, FLAT), tiny_group("sig", 0, SIGNAL))
+    pulled = consumer.pull(2, 0, 2, Counts())
+    assert [g.group_id for g in pulled.groups] == ["flat", "sig"] and pulled.informative == 2
+    assert not pulled.skipped
+
+
+def test_after_a_crash_before_the_commit_only_the_trained_groups_come_back(redis_url: str) -> None:
+    """The trainer dies after a step that skipped groups, before its checkpoint: the restarted trainer
+    is delivered the step's trained groups again (their update was lost) and never the skipped ones
+    (acknowledged with their ledger entry when they were skipped)."""
+    client = redis.Redis.from_url(redis_url)
+    first = GroupConsumer(client, KEYS, consumer="trainer-old", block_ms=50)
+    push(client, tiny_group("flat", 0, FLAT), tiny_group("sig-1", 0, SIGNAL), tiny_group("sig-2", 0, SIGNAL))
+    sampling = StepSampling(informative=informative, read_limit=4)
+    taken = first.pull(2, 0, 2, Counts(), sampling=sampling)
+    assert [g.group_id for g in taken.groups] == ["sig-1", "sig-2"]  # then the process dies
+
+    restarted = GroupConsumer(client, KEYS, block_ms=50)
+    again = restarted.pull(2, 0, 2, Counts(), sampling=sampling)
+    assert [g.group_id for g in again.groups] == ["sig-1", "sig-2"] and not again.skipped
+    restarted.commit(again)
+    assert ledger(client) == {
+        "trained": {"sig-1", "sig-2"},
+        "stale": set(),
+        "skipped": {"flat"},
+        "dead": set(),
+    }
+    assert pending(client) == 0
