@@ -59,8 +59,6 @@ ARMS = [
     Arm("gd2po_snr", {"trainer": {"advantage": {"estimator": "gd2po_snr", "tau": 0.8}}}),
     Arm("kappa_no_filter", {"trainer": {"advantage": {"estimator": "gd2po_hard", "filter": False}}}),
     Arm("filter_no_kappa", {"trainer": {"advantage": {"estimator": "gd2po_hard", "reweight": False}}}),
-    # Beyond the paper: τ steered to drop 20 % of the rollouts — about half of what τ = 0.8 drops on this
-    # task (keep ratio ~0.6 in the quick study) — starting from 0.8 (trainer/algorithms/adaptive_tau.py).
     # Beyond the paper: informative batches — groups without signal skipped and replaced, up to twice a
     # step's groups read; the sample budget, not the step count, ends the run.
     Arm(
@@ -73,6 +71,8 @@ ARMS = [
             }
         },
     ),
+    # Beyond the paper: τ steered to drop 20 % of the rollouts — about half of what τ = 0.8 drops on this
+    # task (keep ratio ~0.6 in the quick study) — starting from 0.8 (trainer/algorithms/adaptive_tau.py).
     Arm(
         "gd2po_snr_adaptive_tau",
         {
@@ -93,9 +93,9 @@ REWARDS = ("short", "vowel")
 TARGETS = {"short": 0.8, "vowel": 0.6}
 REACH_WINDOW = 4
 # The sparse flavour (--sparse): the same policy and rewards, but `short` scores 0 beyond 4 characters of
-# the target (tolerance 16 → 4) and groups hold 4 rollouts instead of 8, so at the start ~40 % of the
-# groups carry no signal at all (both rewards constant within them): the regime informative batches are
-# for. Only GD²PO-SNR with and without them run. Targets: about halfway to what a 40-step probe reached.
+# the target (tolerance 16 → 4) and groups hold 4 rollouts instead of 8, so up to ~40 % of the groups
+# carry no signal at the first steps (both rewards constant within them; 17 % over a run's first quarter):
+# the regime informative batches are for. Only GD²PO-SNR with and without them run. Targets: about halfway to what a 40-step probe reached.
 SPARSE_ARMS = ("gd2po_snr", "gd2po_snr_dynamic_sampling")
 SPARSE_TOLERANCE, SPARSE_GROUP_SIZE = 4, 4
 SPARSE_TARGETS = {"short": 0.4, "vowel": 0.3}

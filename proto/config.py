@@ -260,12 +260,14 @@ class RolloutConfig(_Section):
     """Rollout services ``gd2po up`` starts (compose: ``--scale rollout-cpu=N``; Helm: ``rollout.replicas``).
     Replicas share one prompt order through Redis, each prompt once per epoch across them; each follows
     the policy on its own. The backlog bound then loosens to max_backlog − 1 + (2·replicas − 1) ·
-    prompts_per_batch unconsumed groups (docs/architecture.md)."""
+    prompts_per_batch unconsumed groups (docs/architecture.md; under ``trainer.dynamic_sampling`` its
+    clamped bound in place of max_backlog)."""
     producer_id: str | None = Field(default=None, min_length=1, max_length=200)
     """Name of this rollout in group ids, the trainer's per-producer staleness metrics and its audit log
     (``gd2po up`` names replicas rollout-0, rollout-1, …). Default: a new random name per process."""
     max_batches: int | None = Field(default=None, ge=1)
-    """Stop after this many batches (tests)."""
+    """Stop after this many batches (tests); a synchronous dynamic-sampling trainer's requests for more
+    groups are batches too."""
     weights_root: Path | None = None
     """The only folder POST /v1/weights/reload may load from (default: the run's weights/, where the
     trainer publishes)."""
@@ -475,7 +477,7 @@ class CheckpointConfig(_Section):
 
 class DynamicSamplingConfig(_Section):
     """Informative batches (an extension beyond the paper, DAPO's dynamic sampling for several rewards;
-    trainer/sampling.py): a group that carries no gradient — every reward equal within it, or the
+    trainer/sampling.py): a group that carries no signal — every reward equal within it, or the
     estimator keeps none of it (GD²PO κ = 0) — does not count toward the step. The trainer keeps reading
     until it holds ``prompts_per_step`` informative groups or has read ``ceil(oversample ·
     prompts_per_step)``; the groups without signal are acknowledged as skipped (``<ns>:skipped``), or, when
@@ -486,6 +488,11 @@ class DynamicSamplingConfig(_Section):
     """Most groups read per step, as a multiple of ``prompts_per_step`` (rounded up): the cost bound of one
     step in generated groups. 1 reads no more than without dynamic sampling (only the order changes:
     informative groups first)."""
+
+    def read_limit(self, prompts_per_step: int) -> int:
+        """Most groups one step reads: ceil(oversample · prompts_per_step), rounded to 9 decimals first
+        (1.1 × 50 is 55.000000000000007 in binary floating point: 55, not 56)."""
+        return math.ceil(round(self.oversample * prompts_per_step, 9))
 
 
 class LoraConfig(_Section):
@@ -710,9 +717,8 @@ class ExperimentConfig(BaseSettings):
         group with fewer groups ahead of it is read within max_staleness steps (every step reads at
         least prompts_per_step)."""
         trainer = self.trainer
-        oversample = trainer.dynamic_sampling.oversample if trainer.dynamic_sampling else 1.0
-        low = math.ceil(oversample * trainer.prompts_per_step)
-        return low, trainer.max_staleness * trainer.prompts_per_step
+        sampling = trainer.dynamic_sampling or DynamicSamplingConfig(oversample=1.0)
+        return sampling.read_limit(trainer.prompts_per_step), trainer.max_staleness * trainer.prompts_per_step
 
     @property
     def backlog_bound(self) -> int:

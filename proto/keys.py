@@ -65,7 +65,7 @@ class RedisKeys:
 
     @property
     def groups_wanted(self) -> str:
-        """String ``<policy version>:<groups read>:<groups wanted>:<trainer session>``: a synchronous trainer under
+        """String ``<policy version>:<produced>:<groups wanted>``: a synchronous trainer under
         ``trainer.dynamic_sampling`` that has read every group and still lacks informative ones asks the
         rollout for another batch at that version (proto/stream.py, :func:`want_more_groups`)."""
         return f"{self.namespace}:groups_wanted"

@@ -131,23 +131,36 @@ class GroupsWanted:
     """A synchronous trainer's request for another batch (:func:`want_more_groups`)."""
 
     policy_version: int
+    produced: int
+    """The ``produced`` counter when the trainer asked: the request stands only while it is unchanged."""
     groups: int
     """Groups wanted: the step's missing informative groups, within its read bound."""
     request: str
-    """The whole request; the rollout serves each distinct one once."""
+    """The whole request, as stored."""
 
 
 def want_more_groups(
-    client: redis.Redis, keys: RedisKeys, policy_version: int, groups_read: int, groups: int, session: str
+    client: redis.Redis, keys: RedisKeys, policy_version: int, produced: int, groups: int
 ) -> None:
     """The trainer asks for a batch of ``groups`` more groups: it is at ``policy_version``, has read
-    ``groups_read`` groups this step and every one the stream held, and still lacks informative ones
-    (``trainer.dynamic_sampling`` in a synchronous run, where the rollout otherwise waits for a new
-    version while the trainer waits for groups). The trainer reads every group of such a batch in the
-    same step, so none is left to go stale. Repeating a request is a no-op for the rollout, which serves
-    each distinct one once; ``session`` (one per trainer process) keeps a restarted trainer's first request
-    from looking served."""
-    client.set(keys.groups_wanted, f"{policy_version}:{groups_read}:{groups}:{session}")
+    every group the stream held and still lacks informative ones (``trainer.dynamic_sampling`` in a
+    synchronous run, where the rollout otherwise waits for a new version while the trainer waits for
+    groups). The trainer reads every group of such a batch within the step, so none is left to go stale.
+
+    ``produced`` is the ``produced`` counter read *before* the trainer's read that came back empty (see
+    :func:`produced_count`): groups are published with their count in one transaction, so every group
+    it counts had been delivered by then. The rollout serves the request only while the counter still
+    has that value: anything produced since (the batch of a new version, a served batch, groups
+    dead-lettered on the way) is unread or dead and makes the request stale, and the trainer, still
+    short, asks again with the new count. So a request is served at most once, never while groups the
+    trainer has not read are waiting, and a batch that yielded nothing usable never leaves both sides
+    waiting."""
+    client.set(keys.groups_wanted, f"{policy_version}:{produced}:{groups}")
+
+
+def produced_count(client: redis.Redis, keys: RedisKeys) -> int:
+    """Groups produced so far by every rollout (published or dead-lettered): the ``produced`` counter."""
+    return int(client.get(keys.produced) or 0)
 
 
 def groups_wanted(client: redis.Redis, keys: RedisKeys) -> GroupsWanted | None:
@@ -157,7 +170,7 @@ def groups_wanted(client: redis.Redis, keys: RedisKeys) -> GroupsWanted | None:
         return None
     request = _text(raw)
     try:
-        version, _, groups, _ = request.split(":", 3)
-        return GroupsWanted(int(version), int(groups), request) if int(groups) > 0 else None
+        version, produced, groups = (int(part) for part in request.split(":"))
     except ValueError:
         return None
+    return GroupsWanted(version, produced, groups, request) if groups > 0 else None

@@ -162,9 +162,10 @@ class RolloutLoop:
 
     def _more_wanted(self) -> bool:
         """Synchronous ``trainer.dynamic_sampling``: the trainer read every group at the version this
-        rollout samples and still lacks informative ones (proto.stream.want_more_groups). Each request
-        is served by one batch of the groups wanted at that same version, so the extra groups are
-        on-policy too and the trainer reads them all within the step."""
+        rollout samples and still lacks informative ones (proto.stream.want_more_groups). A request
+        stands while nothing was produced since it was made; it is served by one batch of the groups
+        wanted at that same version, so the extra groups are on-policy too and the trainer reads them all
+        within the step."""
         if self.config.trainer.dynamic_sampling is None:
             return False
         wanted = self.producer.groups_wanted()
@@ -172,6 +173,7 @@ class RolloutLoop:
             wanted is None
             or wanted.policy_version != self.last_version
             or wanted.request == self.served_request
+            or wanted.produced != self.producer.produced()
         ):
             return False
         self.served_request = wanted.request

@@ -23,6 +23,7 @@ from proto.stream import (
     ensure_consumer_group,
     entry_fields,
     groups_wanted,
+    produced_count,
     queue_state,
 )
 
@@ -84,6 +85,10 @@ class Producer:
     def queue_state(self) -> QueueState:
         """The queue as every side reports it; its ``lag`` is the backlog that backpressure bounds."""
         return queue_state(self.client, self.keys)
+
+    def produced(self) -> int:
+        """Groups produced so far by every rollout (published or dead-lettered)."""
+        return produced_count(self.client, self.keys)
 
     def groups_wanted(self) -> GroupsWanted | None:
         """The synchronous trainer's latest request for another batch (proto.stream.want_more_groups)."""

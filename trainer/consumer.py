@@ -2,7 +2,7 @@
 
 * Each group id ends in exactly one ledger set: ``trained`` (used by an optimizer step), ``stale``
   (older than ``max_staleness`` policy versions; dropped and acknowledged), ``skipped`` (read under
-  ``trainer.dynamic_sampling`` and acknowledged without training: no gradient) or ``dead`` (dead-lettered:
+  ``trainer.dynamic_sampling`` and acknowledged without training: no signal) or ``dead`` (dead-lettered:
   by the rollout when a reward failed, by the trainer when the group cannot be trained or its entry
   does not decode).
 * Each group id is trained at most once. A copy of a group id already in a ledger set, or already
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import redis
 
@@ -57,10 +58,20 @@ class StepSampling:
     informative: Callable[[ScoredGroup], bool]
     read_limit: int
     """Most groups (fresh, trainable, first copies) read for one step: ceil(oversample · prompts_per_step)."""
-    starved: Callable[[int, int], None] | None = None
-    """Called with (groups read so far, groups still wanted) when a read came back empty and the step
-    still lacks informative groups; groups wanted is the missing informative groups within the read
-    bound (a synchronous run asks the rollout for that many: proto.stream.want_more_groups)."""
+    starved: Starved | None = None
+    """Told when a read comes back empty while the step still lacks informative groups (a synchronous
+    run asks the rollout for more: trainer.sampling.MoreGroups)."""
+
+
+class Starved(Protocol):
+    """What waits on a dry stream under dynamic sampling (see :attr:`StepSampling.starved`)."""
+
+    def before_read(self) -> None:
+        """Called before every read that may find the stream dry (to snapshot what was produced)."""
+
+    def __call__(self, groups_read: int, groups_wanted: int) -> None:
+        """The read came back empty: ``groups_read`` read this step, ``groups_wanted`` more informative
+        groups missing within the read bound."""
 
 
 @dataclass
@@ -155,6 +166,8 @@ class GroupConsumer:
             wanted = min(prompts - len(pulled.groups), limit - read)
             # Whoever waits on `starved` learns at once that the stream ran dry mid-step: look without
             # blocking first, then block (and repeat the no-op call) until groups come.
+            if starved is not None:
+                starved.before_read()
             entries = self._read(wanted, block=starved is None or read == 0 or dry)
             dry = not entries
             if dry and starved is not None:

@@ -1,6 +1,6 @@
 """Informative batches (``trainer.dynamic_sampling``; an extension beyond the paper).
 
-The release masks conflicting rollouts and never resamples, so a step whose groups carry no gradient —
+The release masks conflicting rollouts and never resamples, so a step whose groups carry no signal —
 every reward equal within a group, or GD²PO keeping none of it — trains on fewer rollouts than configured.
 DAPO's dynamic sampling (verl's ``filter_groups``) keeps reading until the batch is full of groups with
 signal, for one scalar reward. Here "signal" is the estimator's own: a group is informative when some
@@ -17,14 +17,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import redis
 import torch
 
 from proto import ScoredGroup
 from proto.config import ExperimentConfig
+from proto.keys import RedisKeys
 from proto.messages import GENERATION_SECONDS
+from proto.stream import produced_count, want_more_groups
 from trainer.algorithms import informative_groups
 from trainer.algorithms.grouping import group_normalize, make_groups
-from trainer.consumer import StepSampling
+from trainer.consumer import Starved, StepSampling
 from trainer.step import estimator_options
 
 
@@ -37,7 +40,7 @@ def group_rewards(group: ScoredGroup, reward_names: Sequence[str]) -> torch.Tens
 
 
 class InformativeRule:
-    """Whether a group carries a gradient under the experiment's estimator and options, at the τ
+    """Whether a group carries signal under the experiment's estimator and options, at the τ
     ``tau()`` returns (the adaptive controller's current τ, or None for the configured one)."""
 
     def __init__(self, config: ExperimentConfig, tau: Callable[[], float | None] = lambda: None):
@@ -56,15 +59,32 @@ class InformativeRule:
         return bool(flags[0])
 
 
+class MoreGroups:
+    """A synchronous trainer's requests for more groups (proto.stream.want_more_groups): the
+    ``produced`` counter is read before each read of the stream, and a read that comes back empty asks
+    for the missing groups at the trainer's current version with that snapshot."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, policy_version: Callable[[], int]):
+        self.client, self.keys, self.policy_version = client, keys, policy_version
+        self.produced = 0
+
+    def before_read(self) -> None:
+        self.produced = produced_count(self.client, self.keys)
+
+    def __call__(self, groups_read: int, groups_wanted: int) -> None:
+        want_more_groups(self.client, self.keys, self.policy_version(), self.produced, groups_wanted)
+
+
 def step_sampling(
-    config: ExperimentConfig, rule: Callable[[ScoredGroup], bool], starved: Callable[[int], None] | None
+    config: ExperimentConfig, rule: Callable[[ScoredGroup], bool], starved: Starved | None
 ) -> StepSampling | None:
     """The step's sampling under ``trainer.dynamic_sampling`` (None when it is off)."""
     sampling = config.trainer.dynamic_sampling
     if sampling is None:
         return None
-    limit = math.ceil(sampling.oversample * config.trainer.prompts_per_step)
-    return StepSampling(informative=rule, read_limit=limit, starved=starved)
+    return StepSampling(
+        informative=rule, read_limit=sampling.read_limit(config.trainer.prompts_per_step), starved=starved
+    )
 
 
 def read_metrics(
@@ -76,7 +96,7 @@ def read_metrics(
     """What one step's dynamic sampling read and what it cost, as metrics.jsonl keys:
 
     - ``groups_read`` (trained + skipped) and ``groups_read_per_trained``;
-    - ``informative_groups``: trained groups that carry a gradient (below ``groups`` when the read bound
+    - ``informative_groups``: trained groups that carry signal (below ``groups`` when the read bound
       filled the step with groups without signal) and ``informative_ratio`` = informative / read;
     - ``reward_informative_ratio/<reward>``: read groups whose rewards in that dimension are not all equal;
     - ``sampled_reward_mean/<reward>``: the mean reward over every rollout read, skipped ones included

@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ from proto.ops import add_ops_routes, harden
 from proto.redis_conn import connect
 from proto.restarts import restart_metrics
 from proto.startup import require_model, wait_for_redis
-from proto.stream import want_more_groups
 from trainer import checkpoint
 from trainer.algorithms import AdvantageEstimate
 from trainer.algorithms.adaptive_tau import TauController
@@ -41,7 +39,7 @@ from trainer.engine import PolicyEngine, ReferencePolicy
 from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
-from trainer.sampling import InformativeRule, read_metrics, step_sampling
+from trainer.sampling import InformativeRule, MoreGroups, read_metrics, step_sampling
 from trainer.step import advantages_for, estimate_advantages, train_on
 from trainer.trackers import StepRollouts, Trackers
 
@@ -73,7 +71,6 @@ class Trainer:
             config, tau=lambda: self.tau_controller.tau if self.tau_controller else None
         )
         self.sampling: StepSampling | None = None  # trainer.dynamic_sampling, set once Redis is connected
-        self.session = uuid.uuid4().hex[:8]
 
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self, *, export: bool = True) -> FastAPI:
@@ -209,21 +206,14 @@ class Trainer:
         budget = self.config.trainer.total_samples
         return state.step >= self.total_steps or (budget is not None and state.samples_read >= budget)
 
-    def _starved(self, client, state: checkpoint.TrainerState):
-        """What the consumer calls when a read comes back empty under dynamic sampling: a synchronous
-        run asks the rollout for a batch of the groups it still wants, at this version, once the step has
-        read something (before that it is waiting for the batch of the new version, which the rollout
-        generates anyway)."""
+    def _starved(self, client, state: checkpoint.TrainerState) -> MoreGroups | None:
+        """What the consumer tells when a read comes back empty under dynamic sampling: a synchronous
+        run asks the rollout for a batch of the groups it still wants, at this version. Asked before the
+        new version's own batch came, the request is stale once that batch is produced
+        (proto.stream.want_more_groups), so it never doubles it."""
         if not self.config.synchronous:
             return None
-
-        def ask(groups_read: int, groups_wanted: int) -> None:
-            if groups_read:
-                want_more_groups(
-                    client, self.keys, state.policy_version, groups_read, groups_wanted, self.session
-                )
-
-        return ask
+        return MoreGroups(client, self.keys, lambda: state.policy_version)
 
     def _checkpoint_and_commit(
         self,
@@ -268,6 +258,8 @@ class Trainer:
             )
         if len(groups) < self.config.trainer.prompts_per_step:
             return None  # stopping
+        if self.sampling is None:  # counted at the τ this step trains with (_learn moves an adaptive τ)
+            pulled.informative = sum(map(self.informative, groups))
         batch, estimate, record = self._learn(engine, groups, state, timer)
         state.step += 1
         with timer.phase("publish"):
@@ -406,8 +398,7 @@ class Trainer:
         state.samples_read += sum(g.group_size for g in (*groups, *pulled.skipped))
         wait = timer.seconds["wait"]
         record.update(estimate.metrics)
-        informative = pulled.informative if self.sampling else sum(map(self.informative, groups))
-        record.update(read_metrics(groups, pulled.skipped, informative, self.config.reward_names))
+        record.update(read_metrics(groups, pulled.skipped, pulled.informative, self.config.reward_names))
         record.update(
             {
                 "step": state.step,

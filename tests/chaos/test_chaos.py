@@ -45,6 +45,7 @@ def test_every_fault_recovered_and_the_ledger_balances(tmp_path: Path, tiny_mode
     assert ledger.trained == ledger.total_steps * 2  # 2 prompts a step, each step once in the lineage
     assert ledger.dead["reward_failed"] >= 1  # the stalled reward's groups, dead-lettered with the reason
     everything = ledger.produced + ledger.unlogged  # unlogged: a killed rollout's last batch, bounded
-    assert everything == ledger.trained + sum(ledger.dead.values()) + ledger.stale + ledger.left_in_queue
+    settled = ledger.trained + sum(ledger.dead.values()) + ledger.stale + ledger.skipped
+    assert everything == settled + ledger.left_in_queue
     assert max(s.get("publish_failures_total", 0) for s in read_steps(tmp_path / "run")) >= 1
     assert "resumed at step" in (tmp_path / "run" / "logs" / "trainer.log").read_text()

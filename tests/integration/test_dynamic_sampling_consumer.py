@@ -95,10 +95,19 @@ def test_a_stop_mid_step_skips_nothing_and_the_next_trainer_reads_it_all_again(r
     consumer = GroupConsumer(client, KEYS, block_ms=50)
     push(client, tiny_group("flat", 0, FLAT), tiny_group("sig", 0, SIGNAL))
     reads = []
-    sampling = StepSampling(informative=informative, read_limit=8, starved=lambda *asked: reads.append(asked))
-    stop_after_empty_read = lambda: bool(reads)  # noqa: E731 - the stream ran dry: the trainer is stopping
+
+    class Recorder:
+        def before_read(self) -> None:
+            reads.append("look")
+
+        def __call__(self, groups_read: int, groups_wanted: int) -> None:
+            reads.append((groups_read, groups_wanted))
+
+    sampling = StepSampling(informative=informative, read_limit=8, starved=Recorder())
+    stop_after_empty_read = lambda: (2, 2) in reads  # noqa: E731 - the stream ran dry: the trainer stops
     pulled = consumer.pull(3, 0, 2, Counts(), stop_after_empty_read, sampling)
-    assert reads == [(2, 2)]  # when the stream ran dry: 2 read, 2 more informative wanted
+    # Looked before each read; told when the stream ran dry: 2 read, 2 more informative wanted.
+    assert reads == ["look", "look", (2, 2)]
     assert [g.group_id for g in pulled.groups] == ["sig"] and not pulled.skipped
     assert not ledger(client)["skipped"] and pending(client) == 2  # both delivered again after a restart
     restarted = GroupConsumer(client, KEYS, block_ms=50)
@@ -137,3 +146,29 @@ def test_after_a_crash_before_the_commit_only_the_trained_groups_come_back(redis
         "dead": set(),
     }
     assert pending(client) == 0
+
+
+def test_a_request_for_more_groups_stands_only_until_something_is_produced(redis_url: str) -> None:
+    """The synchronous request protocol (proto.stream.want_more_groups), as the rollout reads it: a request
+    is one (version, produced, groups); anything produced after it — the new version's own batch, the
+    served batch, or groups dead-lettered on the way — leaves it stale, so a batch that yielded nothing
+    usable is followed by a new request instead of both sides waiting."""
+    from proto.stream import groups_wanted, want_more_groups
+    from rollout_service.producer import Producer
+
+    client = redis.Redis.from_url(redis_url)
+    producer = Producer(client, KEYS)
+    assert groups_wanted(client, KEYS) is None
+    want_more_groups(client, KEYS, policy_version=3, produced=producer.produced(), groups=2)
+    first = producer.groups_wanted()
+    assert (first.policy_version, first.produced, first.groups) == (3, 0, 2)
+    assert first.produced == producer.produced()  # stands: the rollout would serve it
+    # The served batch was dead-lettered whole (a reward failed): produced moved, the request is stale...
+    client.incrby(KEYS.produced, 2)
+    assert producer.groups_wanted().produced != producer.produced()
+    # ...and the trainer, still short, asks again: a new request that stands.
+    want_more_groups(client, KEYS, policy_version=3, produced=producer.produced(), groups=2)
+    again = producer.groups_wanted()
+    assert again.request != first.request and again.produced == producer.produced() == 2
+    client.set(KEYS.groups_wanted, "garbage")
+    assert groups_wanted(client, KEYS) is None  # not one the trainer wrote: no request

@@ -146,3 +146,12 @@ def test_the_rule_follows_the_adaptive_controllers_tau() -> None:
     assert rule(conflicting)
     tau[0] = 1.0
     assert not rule(conflicting)
+
+
+def test_the_read_bound_rounds_up_without_float_noise() -> None:
+    """1.1 × 50 is 55.000000000000007 in binary: the bound is 55 groups, not 56."""
+    from proto.config import DynamicSamplingConfig
+
+    assert DynamicSamplingConfig(oversample=1.1).read_limit(50) == 55
+    assert DynamicSamplingConfig(oversample=2.2).read_limit(25) == 55
+    assert DynamicSamplingConfig(oversample=1.5).read_limit(3) == 5  # a real fraction still rounds up

@@ -110,15 +110,17 @@ def compute_advantages(
 def informative_groups(
     estimator: str, rewards: Tensor, group_ids: Tensor, has_response: Tensor, **options: Any
 ) -> Tensor:
-    """[G] bool, in ascending group-id order: whether each group carries a policy gradient under
-    ``estimator`` — some rollout with a response token is kept with a nonzero score before whitening.
+    """[G] bool, in ascending group-id order: whether each group carries signal under ``estimator`` —
+    some rollout with a response token is kept with a nonzero score before whitening, i.e. the estimator
+    prefers some of the group's responses to others.
 
     False exactly when every reward is constant within the group (every per-reward advantage is 0, §2),
     when the estimator keeps none of its rollouts (GD²PO κ = 0 with the filter on), when κ = 0 scales
     every score to 0 (the "κ without filter" ablation), or when the combined score is 0 anyway (GRPO on
-    rewards whose weighted sum is constant). It depends only on the group's own rollouts (whitening is
-    left out: it shifts a whole batch and adds no signal within a group), so the trainer can decide it
-    one group at a time (``trainer.dynamic_sampling``, trainer/sampling.py).
+    rewards whose weighted sum is constant). Without whitening such a group has no gradient at all; with
+    it, its kept rollouts all get the same batch-level shift −μ/σ (§5), a push that prefers none of them.
+    It depends only on the group's own rollouts, so the trainer can decide it one group at a time
+    (``trainer.dynamic_sampling``, trainer/sampling.py).
 
     ``rewards`` [N, K] and ``group_ids`` [N] as in :func:`compute_advantages`, ``has_response`` [N] bool;
     ``options`` are its keyword options, with its defaults and errors (``whiten`` and ``reward_names``
