@@ -59,7 +59,7 @@ class RedisKeys:
 
     @property
     def skipped(self) -> str:
-        """Set of group ids read and not trained because they carry no gradient (every reward equal within
+        """Set of group ids read and not trained because they carry no signal (every reward equal within
         the group, or the estimator keeps none of it): ``trainer.dynamic_sampling``."""
         return f"{self.namespace}:skipped"
 

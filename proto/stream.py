@@ -149,7 +149,7 @@ def want_more_groups(
 
     ``produced`` is the ``produced`` counter read *before* the trainer's read that came back empty (see
     :func:`produced_count`): groups are published with their count in one transaction, so every group
-    it counts had been delivered by then. The rollout serves the request only while the counter still
+    it counts had been delivered or dead-lettered by then. The rollout serves the request only while the counter still
     has that value: anything produced since (the batch of a new version, a served batch, groups
     dead-lettered on the way) is unread or dead and makes the request stale, and the trainer, still
     short, asks again with the new count. So a request is served at most once, never while groups the
@@ -168,8 +168,8 @@ def groups_wanted(client: redis.Redis, keys: RedisKeys) -> GroupsWanted | None:
     raw = client.get(keys.groups_wanted)
     if raw is None:
         return None
-    request = _text(raw)
-    try:
+    try:  # UnicodeDecodeError is a ValueError: a value no trainer wrote is no request, never a crash
+        request = _text(raw)
         version, produced, groups = (int(part) for part in request.split(":"))
     except ValueError:
         return None

@@ -46,9 +46,9 @@ class Pulled:
     groups: list[ScoredGroup] = field(default_factory=list)
     entry_ids: list[bytes] = field(default_factory=list)
     skipped: list[ScoredGroup] = field(default_factory=list)
-    """Read for this step and acknowledged as skipped: no gradient (dynamic sampling)."""
+    """Read for this step and acknowledged as skipped: no signal (dynamic sampling)."""
     informative: int = 0
-    """How many of ``groups`` carry a gradient (all of them without dynamic sampling)."""
+    """How many of ``groups`` carry a signal (all of them without dynamic sampling)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class GroupConsumer:
         With ``sampling`` (``trainer.dynamic_sampling``) only informative groups count toward ``prompts``:
         the others are held while reading goes on, up to ``sampling.read_limit`` groups. Once the step is
         full they are acknowledged as skipped (``skipped`` ledger); when the limit comes first they fill
-        the step, oldest first, and ``Pulled.informative`` says how many groups carry a gradient. A stop
+        the step, oldest first, and ``Pulled.informative`` says how many groups carry a signal. A stop
         leaves them pending (delivered again to the next trainer)."""
         pulled, held = Pulled(), Pulled()
         limit = sampling.read_limit if sampling is not None else prompts
@@ -188,7 +188,7 @@ class GroupConsumer:
         fill = prompts - len(pulled.groups)
         if fill:
             log.warning(
-                "read %d groups (trainer.dynamic_sampling bound); %d of %d carry a gradient, %d without "
+                "read %d groups (trainer.dynamic_sampling bound); %d of %d carry a signal, %d without "
                 "signal fill the step",
                 read,
                 len(pulled.groups),
@@ -208,12 +208,17 @@ class GroupConsumer:
         never trained, so it needs no checkpoint before its acknowledgement (as a stale one)."""
         if not groups:
             return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.keys.skipped, *[g.group_id for g in groups])
-        pipe.xack(self.keys.groups, self.keys.trainer_group, *entry_ids)
-        pipe.execute()
+        self._settle(self.keys.skipped, [g.group_id for g in groups], entry_ids)
         counts.skipped += len(groups)
         self._in_flight.difference_update(g.group_id for g in groups)
+
+    def _settle(self, ledger: str, group_ids: list[str], entry_ids: list[bytes]) -> None:
+        """Add the groups to one ledger set and acknowledge their entries in one MULTI/EXEC, so a crash
+        leaves them either pending (redelivered) or settled (skipped as seen), never both or neither."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(ledger, *group_ids)
+        pipe.xack(self.keys.groups, self.keys.trainer_group, *entry_ids)
+        pipe.execute()
 
     def _admit(
         self, entry_id: bytes, fields: dict, current_version: int, max_staleness: int, counts: Counts
@@ -257,10 +262,7 @@ class GroupConsumer:
         if current_version - group.policy_version > max_staleness:
             counts.stale += 1
             counts.stale_producers.append(group.producer_id)
-            pipe = self.client.pipeline(transaction=True)
-            pipe.sadd(self.keys.stale, group.group_id)
-            pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
-            pipe.execute()
+            self._settle(self.keys.stale, [group.group_id], [entry_id])
             return None
         return group
 
@@ -277,10 +279,7 @@ class GroupConsumer:
         """Record the groups as trained and acknowledge them, atomically."""
         if not pulled.groups:
             return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(self.keys.trained, *[g.group_id for g in pulled.groups])
-        pipe.xack(self.keys.groups, self.keys.trainer_group, *pulled.entry_ids)
-        pipe.execute()
+        self._settle(self.keys.trained, [g.group_id for g in pulled.groups], pulled.entry_ids)
         self._in_flight.difference_update(g.group_id for g in pulled.groups)
 
     def queue_state(self) -> QueueState:
