@@ -4,9 +4,11 @@
 
 Arms (:data:`ARMS`): GRPO, GDPO, GD²PO-Hard, GD²PO-SNR (τ 0.8), and the two ablations the paper's release
 cannot run — κ reweighting without the filter (``gd2po_hard`` with ``filter: false``) and the filter
-without κ (``reweight: false``) — plus two extensions beyond the paper, GD²PO-SNR with adaptive τ and
-GD²PO-SNR with informative batches (``trainer.dynamic_sampling``) — each over every seed, through ``gd2po sweep`` (gd2po.sweep: one
-``gd2po up`` per arm × seed, then ``gd2po compare`` with min–max bands across seeds).
+without κ (``reweight: false``) — plus three extensions beyond the paper, GD²PO-SNR with adaptive τ,
+with informative batches (``trainer.dynamic_sampling``) and with the conflict map on — each over every
+seed, through ``gd2po sweep`` (gd2po.sweep: one ``gd2po up`` per arm × seed, then ``gd2po compare`` with
+min–max bands across seeds). ``--quick`` runs the paper's estimators and the two ablations
+(:data:`QUICK_ARMS`), 32 steps each; ``--sparse`` the informative-batch pair on sparse rewards.
 
 The task is the learning test's (tests/e2e/stack_helpers.toy_learning_config): the toy character policy
 of gd2po.models.build_toy_policy answering short letter strings, rewarded for a short answer (``short``)
@@ -85,6 +87,12 @@ ARMS = [
             }
         },
     ),
+    # Beyond the paper: the conflict map per data source on (off in every other arm). It only adds metrics,
+    # so its rewards must equal gd2po_snr's; the arm measures its cost (phase/conflict_map, wall time).
+    Arm(
+        "gd2po_snr_conflict_map",
+        {"trainer": {"advantage": {"estimator": "gd2po_snr", "tau": 0.8}, "conflict_map_sources": 8}},
+    ),
 ]
 REWARDS = ("short", "vowel")
 # Reached when the trailing mean over REACH_WINDOW steps is at or above a reward's target (each reward on
@@ -97,6 +105,9 @@ REACH_WINDOW = 4
 # carry no signal at the first steps (both rewards constant within them; 17 % over a run's first quarter):
 # the regime informative batches are for. Only GD²PO-SNR with and without them run. Targets: about halfway to what a 40-step probe reached.
 SPARSE_ARMS = ("gd2po_snr", "gd2po_snr_dynamic_sampling")
+# The quick flavour runs the paper's estimators and the two ablations only (the extensions are in the full
+# study), so it stays within ~20 min on 2 cores.
+QUICK_ARMS = ("grpo", "gdpo", "gd2po_hard", "gd2po_snr", "kappa_no_filter", "filter_no_kappa")
 SPARSE_TOLERANCE, SPARSE_GROUP_SIZE = 4, 4
 SPARSE_TARGETS = {"short": 0.4, "vowel": 0.3}
 HELDOUT_SEED = 1000  # the held-out prompts' generator seed; the training prompts use the run seed 0
@@ -201,14 +212,24 @@ def arm_rows(
     """The study's table, a row per arm of :data:`ARMS` (``heldout`` may be empty: "—")."""
     lines = [
         "| arm | final short | final vowel | conflict ratio | keep ratio | steps | groups read per trained "
+        "| step ms (conflict map ms) "
         + "".join(f"| samples (s) to {name} ≥ {targets[name]} (per seed) " for name in REWARDS)
         + "| held-out short | held-out vowel |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(REWARDS) + "---|---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(REWARDS) + "---|---|",
     ]
     for arm in arms:
         arm_runs = [r for r in runs if r.arm.name == arm.name]
         finals: dict[str, list[float]] = {
-            n: [] for n in (*REWARDS, "conflict_ratio", "keep_ratio", "steps", "groups_read_per_trained")
+            n: []
+            for n in (
+                *REWARDS,
+                "conflict_ratio",
+                "keep_ratio",
+                "steps",
+                "groups_read_per_trained",
+                "step_ms",
+                "conflict_map_ms",
+            )
         }
         reached: dict[str, list[str]] = {n: [] for n in REWARDS}
         for run in arm_runs:
@@ -219,6 +240,11 @@ def arm_rows(
             for name in ("conflict_ratio", "keep_ratio"):
                 finals[name].append(statistics.fmean(s[name] for s in records))
             finals["steps"].append(len(records))
+            # The conflict map's own phase (runs recorded before it existed timed it inside advantages).
+            finals["step_ms"].append(1000 * statistics.fmean(step_seconds(s) for s in records))
+            finals["conflict_map_ms"].append(
+                1000 * statistics.fmean(s.get("phase/conflict_map", 0.0) for s in records)
+            )
             finals["groups_read_per_trained"].append(
                 statistics.fmean(s.get("groups_read_per_trained", 1.0) for s in records)
             )
@@ -230,6 +256,7 @@ def arm_rows(
             f"| {arm.name} | {spread(finals['short'])} | {spread(finals['vowel'])} "
             f"| {statistics.fmean(finals['conflict_ratio']):.2f} | {statistics.fmean(finals['keep_ratio']):.2f} "
             f"| {statistics.fmean(finals['steps']):.0f} | {statistics.fmean(finals['groups_read_per_trained']):.2f} "
+            f"| {statistics.fmean(finals['step_ms']):.0f} ({statistics.fmean(finals['conflict_map_ms']):.1f}) "
             + "".join(f"| {', '.join(reached[name])} " for name in REWARDS)
             + f"| {held[0]} | {held[1]} |"
         )
@@ -279,7 +306,11 @@ def uptime() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 steps per run (the session flavour).")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="The paper's four estimators and the two ablations, 32 steps per run (the session flavour).",
+    )
     parser.add_argument(
         "--sparse",
         action="store_true",
@@ -295,7 +326,11 @@ def main() -> None:
     args = parser.parse_args()
     flavour = "sparse" if args.sparse else "quick" if args.quick else "full"
     steps = args.steps or {"quick": 32, "full": 96, "sparse": 64}[flavour]
-    arms = [arm for arm in ARMS if arm.name in SPARSE_ARMS] if args.sparse else ARMS
+    arms = {
+        "sparse": [arm for arm in ARMS if arm.name in SPARSE_ARMS],
+        "quick": [arm for arm in ARMS if arm.name in QUICK_ARMS],
+        "full": ARMS,
+    }[flavour]
     targets = SPARSE_TARGETS if args.sparse else TARGETS
     suffix = "" if flavour == "full" else f"-{flavour}"
     workdir = (args.workdir or REPO / "runs" / f"bench-learning{suffix}").resolve()

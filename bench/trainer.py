@@ -42,14 +42,15 @@ from proto import Completion, ScoredGroup, encode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.stream import entry_fields
+from trainer.metrics import PHASES
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, LAYERS = 24_576, 256, 4
 REWARDS = ("correctness", "format", "length")
-PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
-LABELS = {
+LABELS = {  # one per trainer.metrics.PHASES (KeyError when a phase is added without its label)
     "wait": "data wait (XREADGROUP, decode, ledger)",
     "advantages": "advantages (batch tensors, GD²PO-SNR)",
+    "conflict_map": "conflict map per data source (off unless trainer.conflict_map_sources)",
     "forward_backward": "forward/backward",
     "optimizer": "optimizer",
     "publish": "publish (safetensors, blake3, announce)",

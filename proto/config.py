@@ -580,10 +580,12 @@ class TrainerConfig(_Section):
     multi-rank ZeRO-3 (ranks must run equal forwards)."""
     max_staleness: int = Field(default=2, ge=0)
     """Drop groups generated more than this many policy versions ago."""
-    conflict_map_sources: int = Field(default=8, ge=0)
-    """Data sources (the prompts' ``data_source`` column) given their own label in the per-source conflict,
-    drop and pair-conflict metrics (trainer/conflict_map.py); sources seen after the first N are counted
-    as ``other``, so the number of Prometheus series stays bounded. 0 turns the per-source metrics off."""
+    conflict_map_sources: int = Field(default=0, ge=0)
+    """The conflict map (trainer/conflict_map.py): data sources (the prompts' ``data_source`` column) given
+    their own label in the per-source conflict, drop and pair-conflict metrics; sources seen after the
+    first N are counted as ``other``, so the number of Prometheus series stays bounded. 0 (the default)
+    turns the map off; it costs one estimator pass per source each step (``phase/conflict_map``), and on
+    a single-source set it repeats the batch's own ratios. configs/conflict_map_mixed_cpu.yaml sets 8."""
     total_steps: int = Field(default=10, ge=1)
     """Training steps; the trainer exits 0 after the last."""
     total_samples: int | None = Field(default=None, ge=1)

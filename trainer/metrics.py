@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from proto.stream import QUEUE_METRICS
 from trainer.conflict_map import SourceLabels
 
-PHASES = ("wait", "advantages", "forward_backward", "optimizer", "publish")
+PHASES = ("wait", "advantages", "conflict_map", "forward_backward", "optimizer", "publish")
 """What a step's time is split into (``gd2po_trainer_step_phase_seconds{phase}``, ``phase/<name>`` in the
-record): waiting for groups (the pull), advantages, forward+backward and optimizer steps (the learning),
-weight publishing."""
+record): waiting for groups (the pull), advantages, the per-source conflict map (0 when
+``trainer.conflict_map_sources`` is 0), forward+backward and optimizer steps (the learning), weight
+publishing."""
 GROUP_OUTCOMES = ("trained", "stale", "skipped", "duplicate", "untrainable", "undecodable")
 """Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
 as too stale, skipped without signal (``trainer.dynamic_sampling``), skipped as a second copy, or

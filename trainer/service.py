@@ -306,6 +306,7 @@ class Trainer:
         with timer.phase("advantages"):
             batch = build_batch(groups, self.config.reward_names, state.policy_version, engine.pad_id)
             estimate = advantages_for(batch, self.config, tau=tau)
+        with timer.phase("conflict_map"):
             by_source = conflict_map(
                 batch.rewards,
                 batch.group_index,

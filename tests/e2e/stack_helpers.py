@@ -27,6 +27,7 @@ def tiny_stack_config(
     correctness_replicas: int = 1,
     synchronous: bool = False,
     cold_start: bool = False,
+    conflict_map_sources: int = 0,
 ) -> Path:
     """The demo config shrunk to a tiny model and short responses so a few steps take seconds; with
     ``cold_start`` its SFT stage runs too (2 examples, cached under ``tmp_path``), else it is left out."""
@@ -41,7 +42,13 @@ def tiny_stack_config(
     config["model"].update(path=str(model_dir), max_response_tokens=16, max_prompt_tokens=2048)
     config["rewards"][0]["launch"]["replicas"] = correctness_replicas
     config["rollout"].update(prompts_per_batch=2, max_backlog=6)
-    config["trainer"].update(total_steps=steps, prompts_per_step=2, max_staleness=2, lr=1e-4)
+    config["trainer"].update(
+        total_steps=steps,
+        prompts_per_step=2,
+        max_staleness=2,
+        lr=1e-4,
+        conflict_map_sources=conflict_map_sources,
+    )
     config["trainer"]["checkpoint"] = {"every": steps}
     config["synchronous"] = synchronous
     path = tmp_path / "e2e.yaml"

@@ -85,7 +85,8 @@ def test_stack_trains_publishes_reloads_and_stops_clean(
     tmp_path: Path, tiny_model_dir: Path, redis_url: str
 ) -> None:
     steps = 4
-    config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, cold_start=True)
+    # The conflict map on (off by default), so its heatmap's queries have data to check.
+    config = tiny_stack_config(tmp_path, tiny_model_dir, steps=steps, cold_start=True, conflict_map_sources=4)
     run_dir = tmp_path / "run"
     with PrometheusServer(
         tmp_path / "prometheus", interval=f"{int(SCRAPE_INTERVAL_S * 1000)}ms"

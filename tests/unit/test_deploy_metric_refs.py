@@ -91,6 +91,10 @@ def test_dashboard_is_the_gd2po_training_dashboard() -> None:
         "reward request latency",
         "reward errors",
         "retries",
+        "per data source × reward pair",  # the conflict map (issue 18)
+        "snr threshold τ",
+        "groups read per group trained",  # informative batches
+        "generation time spent on skipped groups",
     ):
         assert topic in titles, topic
     ids = [p["id"] for p in dashboard["panels"]]

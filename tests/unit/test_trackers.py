@@ -104,6 +104,26 @@ def test_record_keys_get_the_peers_names_and_each_value_is_logged_once() -> None
     assert tracker_name("step") is None and tracker_name("group_ids") is None
 
 
+def test_tracker_tests_run_with_the_network_off(isolated_trackers: None) -> None:
+    """The offline claims below are tested without network (tests/conftest.py cut_off_the_network): a
+    connection off the loopback fails in this process, and a child process is handed a dead proxy."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import DEAD_PROXY, NO_NETWORK
+
+    with pytest.raises(OSError, match=NO_NETWORK):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: never a real host
+    child = subprocess.run(
+        [sys.executable, "-c", "import urllib.request; print(urllib.request.getproxies()['https'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == DEAD_PROXY
+
+
 def test_tensorboard_event_files_hold_every_step_the_config_and_the_completions(
     tmp_path: Path, smollm2_dir: Path, isolated_trackers: None
 ) -> None:
