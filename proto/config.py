@@ -670,7 +670,9 @@ class ExperimentConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     sft: SFTConfig | None = None
     synchronous: bool = False
-    """Generate only after the trainer caught up (every group on-policy; needs trainer.publish.every: 1)."""
+    """Generate only after the trainer caught up (every group on-policy). Needs trainer.publish.every: 1,
+    rollout.replicas: 1 and rollout.prompts_per_batch = trainer.prompts_per_step (smaller only with
+    trainer.dynamic_sampling, whose trainer asks for the groups it lacks); refused at load otherwise."""
 
     @field_validator("rewards")
     @classmethod
@@ -701,6 +703,20 @@ class ExperimentConfig(BaseSettings):
                 "off-policy)"
             )
         sampling = self.trainer.dynamic_sampling
+        batch, step = self.rollout.prompts_per_batch, self.trainer.prompts_per_step
+        if self.synchronous and batch > step:
+            raise ValueError(
+                f"synchronous: true needs rollout.prompts_per_batch ({batch}) <= trainer.prompts_per_step "
+                f"({step}): the {batch - step} groups a step does not read wait for the next one, a policy "
+                "version behind, and a synchronous run promises every group on-policy"
+            )
+        if self.synchronous and batch < step and sampling is None:
+            raise ValueError(
+                f"synchronous: true with rollout.prompts_per_batch ({batch}) < trainer.prompts_per_step "
+                f"({step}) deadlocks: the trainer waits for {step} groups while the rollout, having "
+                "generated its batch, waits for new weights; make them equal (or set "
+                "trainer.dynamic_sampling, whose trainer asks for the groups it lacks)"
+            )
         if sampling is not None and not self.synchronous:
             low, high = self.backlog_limits()
             if low > high:
