@@ -135,8 +135,6 @@ class GroupsWanted:
     """The ``produced`` counter when the trainer asked: the request stands only while it is unchanged."""
     groups: int
     """Groups wanted: the step's missing informative groups, within its read bound."""
-    request: str
-    """The whole request, as stored."""
 
 
 def want_more_groups(
@@ -173,4 +171,4 @@ def groups_wanted(client: redis.Redis, keys: RedisKeys) -> GroupsWanted | None:
         version, produced, groups = (int(part) for part in request.split(":"))
     except ValueError:
         return None
-    return GroupsWanted(version, produced, groups, request) if groups > 0 else None
+    return GroupsWanted(version, produced, groups) if groups > 0 else None

@@ -16,6 +16,7 @@ import uuid
 from proto import Completion, DeadLetter, PromptRecord, ScoredGroup, ScoreItem
 from proto.config import ExperimentConfig
 from proto.messages import GENERATION_SECONDS
+from proto.stream import GroupsWanted
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.producer import Producer
@@ -93,7 +94,7 @@ class RolloutLoop:
         self.producer_id = producer_id or f"rollout-{self.session}"
         self.batches = 0
         self.last_version = 0
-        self.served_request: str | None = None  # the trainer's last request for more groups served
+        self.served_request: GroupsWanted | None = None  # the trainer's last request for more groups served
         self.batch_prompts = config.rollout.prompts_per_batch  # the next batch's; a request sets it
         self.stopping = asyncio.Event()
         self.sampling = training_sampling(config)
@@ -172,11 +173,11 @@ class RolloutLoop:
         if (
             wanted is None
             or wanted.policy_version != self.last_version
-            or wanted.request == self.served_request
+            or wanted == self.served_request
             or wanted.produced != self.producer.produced()
         ):
             return False
-        self.served_request = wanted.request
+        self.served_request = wanted
         self.batch_prompts = wanted.groups  # exactly what the trainer reads in this step: none goes stale
         log.info("the trainer wants %d more group(s) at version %d", wanted.groups, wanted.policy_version)
         return True

@@ -169,7 +169,7 @@ def test_a_request_for_more_groups_stands_only_until_something_is_produced(redis
     # ...and the trainer, still short, asks again: a new request that stands.
     want_more_groups(client, KEYS, policy_version=3, produced=producer.produced(), groups=2)
     again = producer.groups_wanted()
-    assert again.request != first.request and again.produced == producer.produced() == 2
+    assert again != first and again.produced == producer.produced() == 2
     for garbage in ("garbage", b"\xff\xfe:1:2"):  # not one the trainer wrote: no request, no crash
         client.set(KEYS.groups_wanted, garbage)
         assert groups_wanted(client, KEYS) is None
