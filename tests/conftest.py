@@ -92,37 +92,6 @@ def isolated_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))
+    from tracker_logs import cut_off_the_network
+
     cut_off_the_network(monkeypatch)
-
-
-NO_NETWORK = "the network is off in this test"
-DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, every connection is refused
-
-
-def cut_off_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What "works without network" is tested under: in this process a connection to anything but the
-    loopback raises; child processes (the trainer, W&B's service) get a dead proxy for every scheme, so
-    a client that honours proxies (requests, httpx, urllib, Go's net/http) fails instead of reaching out.
-    Loopback stays open: Redis, the reward services and W&B's own service socket live there."""
-    import ipaddress
-    import socket
-
-    loopback = "127.0.0.1,localhost,::1"
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(name, loopback)
-    connect = socket.socket.connect
-
-    def loopback_only(sock: socket.socket, address) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]
-            try:
-                local = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                local = host == "localhost"
-            if not local:
-                raise OSError(f"{NO_NETWORK}: connect to {host}")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)

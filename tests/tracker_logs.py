@@ -64,3 +64,36 @@ def mlflow_client(run_dir: Path):
 
 def tracker_run_ids(run_dir: Path) -> dict[str, str]:
     return json.loads((run_dir / "trackers.json").read_text())
+
+
+NO_NETWORK = "the network is off in this test"
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, every connection is refused
+
+
+def cut_off_the_network(monkeypatch) -> None:
+    """What "works without network" is tested under: in this process a connection to anything but the
+    loopback raises; child processes (the trainer, W&B's service) get a dead proxy for every scheme, so
+    a client that honours proxies (requests, httpx, urllib, Go's net/http) fails instead of reaching out.
+    Loopback stays open: Redis, the reward services and W&B's own service socket live there."""
+    import ipaddress
+    import socket
+
+    loopback = "127.0.0.1,localhost,::1"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, DEAD_PROXY)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, loopback)
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            try:
+                local = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                local = host == "localhost"
+            if not local:
+                raise OSError(f"{NO_NETWORK}: connect to {host}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)

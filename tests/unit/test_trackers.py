@@ -111,7 +111,7 @@ def test_tracker_tests_run_with_the_network_off(isolated_trackers: None) -> None
     import subprocess
     import sys
 
-    from conftest import DEAD_PROXY, NO_NETWORK
+    from tracker_logs import DEAD_PROXY, NO_NETWORK
 
     with pytest.raises(OSError, match=NO_NETWORK):
         socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: never a real host
