@@ -147,8 +147,8 @@ def want_more_groups(
 
     ``produced`` is the ``produced`` counter read *before* the trainer's read that came back empty (see
     :func:`produced_count`): groups are published with their count in one transaction, so every group
-    it counts had been delivered or dead-lettered by then. The rollout serves the request only while the counter still
-    has that value: anything produced since (the batch of a new version, a served batch, groups
+    it counts had been delivered or dead-lettered by then. The rollout serves the request only while the
+    counter still has that value: anything produced since (the batch of a new version, a served batch, groups
     dead-lettered on the way) is unread or dead and makes the request stale, and the trainer, still
     short, asks again with the new count. So a request is served at most once, never while groups the
     trainer has not read are waiting, and a batch that yielded nothing usable never leaves both sides

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from tracker_logs import cut_off_the_network
 
 from gd2po.environment import process_environment
 from gd2po.models import DEFAULT_MODEL_DIR, build_tiny_model, prepare_smollm2
@@ -92,6 +93,4 @@ def isolated_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))
-    from tracker_logs import cut_off_the_network
-
     cut_off_the_network(monkeypatch)

@@ -3,7 +3,9 @@ EventAccumulator, W&B's transaction-log reader (``wandb leet inspect --json``), 
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,9 +77,6 @@ def cut_off_the_network(monkeypatch) -> None:
     loopback raises; child processes (the trainer, W&B's service) get a dead proxy for every scheme, so
     a client that honours proxies (requests, httpx, urllib, Go's net/http) fails instead of reaching out.
     Loopback stays open: Redis, the reward services and W&B's own service socket live there."""
-    import ipaddress
-    import socket
-
     loopback = "127.0.0.1,localhost,::1"
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.setenv(name, DEAD_PROXY)

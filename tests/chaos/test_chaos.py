@@ -6,9 +6,10 @@ left in the queue; no score a reward service did not answer; every step reached;
 
 Teeth: with the trainer acknowledging groups when it reads them instead of at its checkpoint
 (at-most-once: ``self.commit(pulled)`` added before each ``return pulled`` of ``GroupConsumer.pull`` in
-trainer/consumer.py), this test failed — the trainer, killed 4.0 s after step 18 was logged, lost the 2 groups
-of step 19 (bench/RESULTS.md, "Chaos"). The kill must land mid-step: injected right after a step was
-logged it hit the checkpoint of that step, where nothing is uncommitted, and the broken trainer passed.
+trainer/consumer.py), this test failed — the trainer, killed 4.0 s after step 18 was logged, lost the 2
+groups of step 19 (bench/RESULTS.md, "Chaos"). The kill must land mid-step: injected right after a step
+was logged it hit the checkpoint of that step, where nothing is uncommitted, and the broken trainer
+passed.
 The ledger's own checks are broken one by one in tests/integration/test_chaos_ledger.py."""
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def test_record_keys_get_the_peers_names_and_each_value_is_logged_once() -> None
 
 
 def test_tracker_tests_run_with_the_network_off(isolated_trackers: None) -> None:
-    """The offline claims below are tested without network (tests/conftest.py cut_off_the_network): a
+    """The offline claims below are tested without network (tests/tracker_logs.py cut_off_the_network, used by the isolated_trackers fixture): a
     connection off the loopback fails in this process, and a child process is handed a dead proxy."""
     import socket
     import subprocess
