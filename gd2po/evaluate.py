@@ -22,6 +22,7 @@ from gd2po.apibank import Sample, SampleScore, load_api_bank, score_sample, summ
 from gd2po.environment import process_environment
 from gd2po.ports import free_port
 from gd2po.processes import Child
+from proto.weights import is_adapter_folder
 
 DEFAULT_DATA = Path("data/tool_calling/api_bank")
 
@@ -109,19 +110,18 @@ def model_folder(path: Path) -> Path:
     """The weights to evaluate: ``path`` itself when it holds a model (config.json + safetensors) or a
     PEFT adapter (adapter_config.json + adapter_model.safetensors, e.g. a LoRA checkpoint's
     ``checkpoints/step-N/adapter``; :func:`servable` merges it), else the newest complete
-    ``weights/step-N`` of the run folder ``path``. Raises FileNotFoundError naming what was looked for."""
+    ``weights/step-N`` of the run folder ``path`` (a whole model, or an adapter when the run published
+    adapters: ``trainer.lora.serve: adapter``). Raises FileNotFoundError naming what was looked for."""
     path = Path(path)
-    if is_adapter(path):
+    if is_adapter_folder(path):
         adapter_base(path)  # its base must be here too: say so now, not after minutes of work
         return path
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    if _is_model_folder(path):
         return path
     steps = [
         (int(match.group(1)), folder)
         for folder in (path / "weights").glob("step-*")
-        if (match := _STEP.match(folder.name))
-        and (folder / "config.json").is_file()
-        and any(folder.glob("*.safetensors"))
+        if (match := _STEP.match(folder.name)) and (_is_model_folder(folder) or is_adapter_folder(folder))
     ]
     if not steps:
         raise FileNotFoundError(
@@ -129,14 +129,11 @@ def model_folder(path: Path) -> Path:
             "(adapter_config.json + adapter_model.safetensors), nor a run folder with published weights "
             "(weights/step-N/)"
         )
-    return max(steps)[1]
+    return model_folder(max(steps)[1])
 
 
-def is_adapter(path: Path) -> bool:
-    """``path`` holds a PEFT adapter in safetensors (what ``PeftModel.save_pretrained`` writes)."""
-    return (Path(path) / "adapter_config.json").is_file() and (
-        Path(path) / "adapter_model.safetensors"
-    ).is_file()
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def adapter_base(folder: Path) -> Path:
@@ -162,7 +159,7 @@ def servable(folder: Path) -> Iterator[Path]:
     is not used: the merged folder serves at the base model's speed. Raises FileNotFoundError as
     :func:`adapter_base`."""
     folder = Path(folder)
-    if not is_adapter(folder):
+    if not is_adapter_folder(folder):
         yield folder
         return
     import tempfile

@@ -498,8 +498,8 @@ class DynamicSamplingConfig(_Section):
 class LoraConfig(_Section):
     """Train LoRA adapters (PEFT) instead of the full model: the base weights stay frozen, the optimizer
     holds the adapters' parameters only, checkpoints save the adapters alone (plus the adapter in PEFT
-    format, ``checkpoints/step-N/adapter/``), and the rollout is published the merged weights
-    W + (alpha / r)·B·A (docs/operations.md, "LoRA"). Supported with ZeRO stages 0–2."""
+    format, ``checkpoints/step-N/adapter/``), and the rollout serves the base model plus the current
+    adapter (``serve``; docs/operations.md, "LoRA"). Supported with ZeRO stages 0–2."""
 
     r: int = Field(default=16, ge=1)
     """Rank of each adapter (the inner dimension of B·A)."""
@@ -515,6 +515,27 @@ class LoraConfig(_Section):
     ``all-linear`` for every linear layer but the LM head. The default covers the attention and MLP
     projections of Llama/Qwen-style models; a module sharing its weight with another (tied embeddings)
     is refused."""
+    serve: Literal["adapter", "merged"] = "adapter"
+    """How the rollout serves the policy. ``adapter``: each publish writes the adapter alone in PEFT format
+    (a few MB) and the rollout loads it into vLLM's own LoRA support (``enable_lora``, one
+    ``LoRARequest`` per policy version) on the base model it started with — on CPU (vLLM's torch kernels)
+    and GPU (its Punica kernels) alike. ``merged``: each publish writes the whole model with
+    W + (alpha / r)·B·A merged in (out of place, so the base never drifts) and the rollout reloads it as a
+    full model's weights: generation at the base model's speed, for engines without LoRA support or for
+    ``trainer.publish.transport: broadcast``."""
+
+    @model_validator(mode="after")
+    def _rank_vllm_serves(self) -> LoraConfig:
+        if self.serve == "adapter" and self.r > MAX_SERVED_LORA_RANK:
+            raise ValueError(
+                f"trainer.lora.r {self.r} is above {MAX_SERVED_LORA_RANK}, the largest rank vLLM serves; "
+                "lower r or set trainer.lora.serve: merged"
+            )
+        return self
+
+
+MAX_SERVED_LORA_RANK = 512
+"""vLLM 0.32's largest ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``)."""
 
 
 # Keys of the flat trainer section before it was nested, and where each lives now. An old key is
@@ -629,6 +650,17 @@ class TrainerConfig(_Section):
             raise ValueError(
                 "trainer.lora is not supported with ZeRO-3 (trainer.deepspeed.zero_optimization.stage: 3); "
                 "use stage 0, 1 or 2: the adapters' optimizer state is small enough not to need sharding"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_go_as_files(self) -> TrainerConfig:
+        if self.lora is not None and self.lora.serve == "adapter" and self.publish.transport == "broadcast":
+            # An adapter is a few MB written once per version: the process-group transfer exists to spare
+            # the write and re-read of a whole model, and it streams into the base weights' load path.
+            raise ValueError(
+                "trainer.publish.transport: broadcast sends whole models; with trainer.lora.serve: adapter "
+                "each version is an adapter folder of a few MB: use transport: disk, or lora.serve: merged"
             )
         return self
 

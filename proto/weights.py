@@ -12,6 +12,18 @@ import blake3
 
 ALGORITHM = "blake3"
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The two files of a PEFT adapter folder (what ``PeftModel.save_pretrained`` writes). A published folder
+is either a whole model (``config.json`` + ``*.safetensors``) or such an adapter on the base model
+(``trainer.lora.serve: adapter``)."""
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    """``folder`` holds a PEFT adapter in safetensors (:data:`ADAPTER_CONFIG` + :data:`ADAPTER_WEIGHTS`)."""
+    folder = Path(folder)
+    return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
+
 
 def weights_digest(folder: str | Path) -> str:
     """``blake3:<hex>`` over the names and bytes of every ``*.safetensors`` file, in sorted order."""

@@ -1,7 +1,7 @@
 """The vLLM engine, in-process: G samples per prompt with the sampled tokens' log-probs (of the sampling
 distribution), chat templates, prompt lengths, and in-place weight reloads. One engine serves training
 rollouts and the OpenAI-compatible routes; a lock serialises calls because the offline ``LLM`` API is
-not re-entrant.
+not re-entrant. Under ``trainer.lora.serve: adapter`` it serves the base model plus the newest adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proto import Completion
 from proto.config import ModelConfig
+from proto.weights import is_adapter_folder
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: seconds, not tens
 
@@ -30,8 +31,16 @@ class Sampling:
 
 class Engine:
     def __init__(
-        self, model: ModelConfig, *, seed: int = 0, kv_cache_gib: float = 1.0, enforce_eager: bool = True
+        self,
+        model: ModelConfig,
+        *,
+        seed: int = 0,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        lora_rank: int | None = None,
     ):
+        """``lora_rank``: serve PEFT adapters of up to this rank on the base model (vLLM's LoRA support;
+        ``trainer.lora.serve: adapter``); None serves whole models only."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         from vllm import LLM
 
@@ -53,9 +62,14 @@ class Engine:
             logprobs_mode="processed_logprobs",
             # Reloads that keep a tied output layer current, and weights received over a process group.
             worker_extension_cls="rollout_service.worker_extension.GD2POWorkerExtension",
+            **_lora_options(lora_rank),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
+        self.serves_adapters = lora_rank is not None
+        self.adapter = None
+        """The ``LoRARequest`` of the adapter every generation applies (None: the weights alone)."""
+        self._adapter_ids = 0
 
     def _prompt_text(self, messages: list[dict[str, str]] | str) -> str:
         if isinstance(messages, str):
@@ -95,17 +109,48 @@ class Engine:
         )
         with self.lock:
             outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+                [TokensPrompt(prompt_token_ids=p) for p in prompts],
+                params,
+                use_tqdm=False,
+                lora_request=self.adapter,
             )
         return [[_completion(sample) for sample in output.outputs] for output in outputs]
 
     def reload(self, weights_dir: Path) -> None:
         """Load new weights in place (same architecture); the KV cache and compiled graphs are kept. Through
-        the worker extension, so a tied output layer follows the new embeddings."""
+        the worker extension, so a tied output layer follows the new embeddings. A PEFT adapter folder
+        (:func:`proto.weights.is_adapter_folder`) is loaded into vLLM's LoRA support instead and applied to
+        every later generation; the previous adapter is evicted (``max_loras`` 1). Raises ValueError for an
+        adapter when the engine was started without ``lora_rank``, or a whole model when it serves
+        adapters (its base must stay the one the adapters were trained on); vLLM's own errors otherwise.
+        Either way the weights served are unchanged."""
+        weights_dir = Path(weights_dir).resolve()
+        if is_adapter_folder(weights_dir) != self.serves_adapters:
+            raise ValueError(
+                f"{weights_dir} is {'an adapter' if is_adapter_folder(weights_dir) else 'a whole model'}, but "
+                f"this engine serves {'adapters on its base model' if self.serves_adapters else 'whole models'} "
+                "(trainer.lora.serve must be the same for the trainer and the rollout)"
+            )
+        if self.serves_adapters:
+            self._load_adapter(weights_dir)
+            return
         with self.lock:
             self.llm.collective_rpc(
                 "gd2po_reload_folder", kwargs={"weights_path": str(Path(weights_dir).resolve())}
             )
+            self.llm.reset_prefix_cache()
+
+    def _load_adapter(self, folder: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        # A new id per load: vLLM caches adapters by id, so reusing one would keep serving the old tensors.
+        self._adapter_ids += 1
+        request = LoRARequest(f"policy-{self._adapter_ids}", self._adapter_ids, str(folder))
+        with self.lock:
+            # Loaded now rather than at the next generate, so a bad folder is refused here, old one kept.
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the adapter {folder}")
+            self.adapter = request
             self.llm.reset_prefix_cache()
 
     def receive(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
@@ -119,6 +164,21 @@ class Engine:
             )
             self.llm.reset_prefix_cache()
         return result
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM 0.32 accepts as ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``)."""
+
+
+def _lora_options(rank: int | None) -> dict:
+    """vLLM engine options serving one adapter of up to ``rank`` at a time; none when ``rank`` is None."""
+    if rank is None:
+        return {}
+    fitting = [allowed for allowed in VLLM_LORA_RANKS if allowed >= rank]
+    if not fitting:
+        raise ValueError(f"LoRA rank {rank} is above {VLLM_LORA_RANKS[-1]}, the largest vLLM serves")
+    # One adapter in memory: each policy version replaces the last (the lock keeps generations off it).
+    return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": 1, "max_cpu_loras": 1}
 
 
 def _position_limit(model_dir: Path) -> int:

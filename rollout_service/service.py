@@ -83,6 +83,7 @@ class RolloutService:
             seed=config.run.seed,
             kv_cache_gib=config.rollout.kv_cache_gib,
             enforce_eager=config.rollout.enforce_eager,
+            lora_rank=_served_lora_rank(config),
         )
         self.policy = PolicyFollower(
             self.engine,
@@ -161,3 +162,10 @@ class RolloutService:
             except redis.RedisError as exc:
                 log.warning("cannot read the current policy: %s", exc)
             await asyncio.sleep(FOLLOW_S)
+
+
+def _served_lora_rank(config: ExperimentConfig) -> int | None:
+    """The adapter rank the engine must serve: ``trainer.lora.r`` under ``trainer.lora.serve: adapter``
+    (the trainer publishes adapters, not whole models), else None."""
+    lora = config.trainer.lora
+    return lora.r if lora is not None and lora.serve == "adapter" else None

@@ -3,10 +3,14 @@
 The invariant this module keeps: the base weights never change, in training or in publishing. The
 adapters are injected in place into the base model's linear layers (``peft.get_peft_model``), and the
 engine trains that same base model object (``PeftModel.get_base_model()``), so the trainer's forward and
-log-prob code (shared-prompt KV cache, ``logits_to_keep``) run unchanged. The rollout is served merged
-weights W + ΔW computed out of place (:func:`merged_state_dict`) under the base model's own parameter
-names, through the ordinary publish path; merging in place and unmerging afterwards would round the fp32
-(or bf16) base W at every publish, so the base would drift from the one the adapters were trained on.
+log-prob code (shared-prompt KV cache, ``logits_to_keep``) run unchanged.
+
+The rollout is served the policy one of two ways (``trainer.lora.serve``): the adapter alone in PEFT
+format (:func:`adapter_state_dict`, :func:`write_adapter`), which vLLM applies to the base model it
+started with; or merged weights W + ΔW computed out of place (:func:`merged_state_dict`) under the base
+model's own parameter names, through the ordinary publish path. Merging in place and unmerging afterwards
+(TRL's way) would round the fp32 (or bf16) base W at every publish, so the base would drift from the one
+the adapters were trained on.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 
 from proto.config import LoraConfig
+from proto.weights import ADAPTER_WEIGHTS
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -110,3 +116,27 @@ def save_adapter(peft_model: PeftModel, folder: Path) -> Path:
     folder = Path(folder)
     peft_model.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def is_peft_model(module: object) -> bool:
+    """``module`` is a PEFT wrapper (what :func:`attach` returns), not a plain model."""
+    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
+
+
+def adapter_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trained adapter's tensors under PEFT's saved names (``…q_proj.lora_A.weight``; what
+    ``get_peft_model_state_dict`` gives), copied to the CPU: they are a few MB, and a copy stays as it was
+    while the next optimizer step changes the parameters (a background writer needs that)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()}
+
+
+def write_adapter(peft_model: PeftModel, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``state`` (:func:`adapter_state_dict`) and the adapter's config into ``folder`` as PEFT saves
+    them (``adapter_model.safetensors`` + ``adapter_config.json``): loadable by
+    ``PeftModel.from_pretrained`` and by vLLM's ``LoRARequest``. The config names the base model by its
+    absolute path (:func:`attach`)."""
+    save_file(state, Path(folder) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    peft_model.peft_config[ADAPTER].save_pretrained(str(folder))

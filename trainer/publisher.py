@@ -1,5 +1,5 @@
-"""Publish policy weights for the rollout services: a complete safetensors folder (config + tokenizer),
-written to a temporary directory and renamed into place so readers never see half a folder, then
+"""Publish policy weights for the rollout services: a complete safetensors folder (config + tokenizer), or
+under ``trainer.lora.serve: adapter`` the adapter alone in PEFT format, written to a temporary directory and renamed into place so readers never see half a folder, then
 announced as ``{version, path, digest}`` on the policy key and the events channel. Keeps the last N.
 
 The weights are written straight from the parameters with ``safetensors.save_file`` (no state-dict copy,
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from proto import PolicyAnnouncement, encode
 from proto.keys import RedisKeys
 from proto.weights import weights_digest
-from trainer.lora import adapted_layers, merged_state_dict
+from trainer.lora import adapted_layers, is_peft_model, merged_state_dict, write_adapter
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -92,12 +92,15 @@ class WeightPublisher:
         final = self.root / f"step-{step}"
         staging = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=self.root))
         try:
-            save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-            module.config.save_pretrained(staging)
-            for name in TOKENIZER_FILES:
-                source = self.tokenizer_dir / name
-                if source.is_file():
-                    shutil.copy2(source, staging / name)
+            if is_peft_model(module):  # trainer.lora.serve: adapter — the rollout keeps its base model
+                write_adapter(module, state, staging)
+            else:
+                save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+                module.config.save_pretrained(staging)
+                for name in TOKENIZER_FILES:
+                    source = self.tokenizer_dir / name
+                    if source.is_file():
+                        shutil.copy2(source, staging / name)
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
         except BaseException:

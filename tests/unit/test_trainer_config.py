@@ -292,6 +292,7 @@ def test_lora_is_off_by_default_and_set_from_the_file_or_the_environment(
         "alpha": 16.0,
         "dropout": 0.0,
         "target_modules": ["q_proj"],
+        "serve": "adapter",  # vLLM's own LoRA serving, on CPU and GPU
     }
     monkeypatch.setenv("GD2PO_TRAINER__LORA__R", "4")
     monkeypatch.setenv("GD2PO_TRAINER__LORA__TARGET_MODULES", "all-linear")
@@ -306,3 +307,21 @@ def test_lora_with_zero_3_is_refused_naming_the_stages_that_work(tmp_path: Path)
         )
     with pytest.raises(ConfigError, match=r"trainer\.lora\.r"):
         load_config(_write(tmp_path, "trainer:\n  lora: {r: 0}\n"))
+
+
+def test_adapters_vllm_cannot_serve_or_over_a_process_group_are_refused_naming_the_way_out(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"r 600 is above 512, the largest rank vLLM serves; .*serve: merged"
+    ):
+        load_config(_write(tmp_path, "trainer:\n  lora: {r: 600}\n"))
+    assert load_config(_write(tmp_path, "trainer:\n  lora: {r: 600, serve: merged}\n")).trainer.lora.r == 600
+    broadcast = "trainer:\n  publish: {transport: broadcast}\n  lora: {r: 8%s}\n"
+    with pytest.raises(
+        ConfigError, match=r"broadcast sends whole models; .*use transport: disk, or lora.serve: merged"
+    ):
+        load_config(_write(tmp_path, broadcast % ""))
+    assert (
+        load_config(_write(tmp_path, broadcast % ", serve: merged")).trainer.publish.transport == "broadcast"
+    )
