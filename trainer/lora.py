@@ -119,8 +119,13 @@ def save_adapter(peft_model: PeftModel, folder: Path) -> Path:
 
 
 def is_peft_model(module: object) -> bool:
-    """``module`` is a PEFT wrapper (what :func:`attach` returns), not a plain model."""
-    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
+    """``module`` is a PEFT wrapper (what :func:`attach` returns), not a plain model (which PEFT also gives
+    a ``peft_config`` attribute once adapters are injected into it)."""
+    if "peft" not in sys.modules:
+        return False  # nothing made one; spares full-model runs PEFT's import time at every publish
+    from peft import PeftModel
+
+    return isinstance(module, PeftModel)
 
 
 def adapter_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:

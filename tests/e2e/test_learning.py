@@ -22,6 +22,7 @@ from stack_helpers import finish, start_gd2po_up, toy_learning_config
 from gd2po.learning import normalised_total, quarter_rise
 from gd2po.models import build_toy_policy
 from gd2po.runlog import read_steps
+from proto.weights import is_adapter_folder
 
 pytestmark = pytest.mark.e2e
 STEPS = 64
@@ -70,8 +71,10 @@ def test_lora_training_raises_the_rewards_of_the_toy_task(
     tmp_path: Path, toy_policy_dir: Path, redis_url: str
 ) -> None:
     """The same task, training rank-8 adapters on every linear layer (``trainer.lora``) instead of the
-    whole model, the rollout reloading the merged weights each step (bench/RESULTS.md, "LoRA")."""
+    whole model, the rollout applying each step's adapter to its base model with vLLM's LoRA support
+    (``trainer.lora.serve: adapter``; bench/RESULTS.md, "LoRA")."""
     steps = run_learning_task(tmp_path, toy_policy_dir, redis_url, publish_every=1, lr=LORA_LR, lora=LORA)
+    assert is_adapter_folder(tmp_path / "run" / "weights" / f"step-{STEPS}")  # what the rollout loaded
     rise = quarter_rise(total_reward(steps))
     assert rise.rose(), f"total reward did not rise with LoRA: {rise.describe()}"
     short = quarter_rise([s["reward_mean/short"] for s in steps])

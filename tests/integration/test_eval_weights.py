@@ -104,6 +104,20 @@ def test_an_adapter_folder_is_served_merged_into_its_base(tmp_path: Path, tiny_m
         assert folder == tiny_model_dir
 
 
+def test_a_run_that_published_adapters_means_its_newest_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``trainer.lora.serve: adapter`` publishes adapter folders: ``--weights RUN`` takes the newest."""
+    run = tmp_path / "run"
+    for step in (3, 12):
+        save_random_adapter(tiny_model_dir, run / "weights" / f"step-{step}")
+    (run / "weights" / "step-13").mkdir()  # being written
+    assert model_folder(run) == run / "weights" / "step-12"
+    config = json.loads((run / "weights" / "step-12" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere")
+    (run / "weights" / "step-12" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path"):  # said before any work starts
+        model_folder(run)
+
+
 def test_an_adapter_whose_base_is_not_here_is_refused_naming_the_field(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
