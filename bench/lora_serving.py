@@ -45,8 +45,8 @@ def measure(arm: str, model: Path, repeats: int) -> dict[str, float]:
     from proto.config import LoraConfig, ModelConfig
     from proto.weights import weights_digest
     from rollout_service.engine import Engine
-    from trainer.lora import adapter_state_dict, attach, merged_state_dict
-    from trainer.publisher import WeightPublisher
+    from trainer.lora import adapter_state_dict, attach
+    from trainer.publisher import WeightPublisher, full_state_dict
 
     torch.manual_seed(0)
     section = LoraConfig()
@@ -74,7 +74,8 @@ def measure(arm: str, model: Path, repeats: int) -> dict[str, float]:
             if arm == "adapter":
                 folder = publisher.write(peft_model, adapter_state_dict(peft_model), repeat)
             else:
-                folder = publisher.write(peft_model.get_base_model(), merged_state_dict(peft_model), repeat)
+                base = peft_model.get_base_model()  # what the trainer trains and publishes from
+                folder = publisher.write(base, full_state_dict(base, zero_stage=0), repeat)
             wrote = time.perf_counter()
             weights_digest(folder)  # the trainer's announcement, and again the rollout's check
             digested = time.perf_counter()

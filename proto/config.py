@@ -515,14 +515,16 @@ class LoraConfig(_Section):
     ``all-linear`` for every linear layer but the LM head. The default covers the attention and MLP
     projections of Llama/Qwen-style models; a module sharing its weight with another (tied embeddings)
     is refused."""
-    serve: Literal["adapter", "merged"] = "adapter"
-    """How the rollout serves the policy. ``adapter``: each publish writes the adapter alone in PEFT format
-    (a few MB) and the rollout loads it into vLLM's own LoRA support (``enable_lora``, one
-    ``LoRARequest`` per policy version) on the base model it started with — on CPU (vLLM's torch kernels)
-    and GPU (its Punica kernels) alike. ``merged``: each publish writes the whole model with
+    serve: Literal["merged", "adapter"] = "merged"
+    """How the rollout serves the policy. ``merged``: each publish writes the whole model with
     W + (alpha / r)·B·A merged in (out of place, so the base never drifts) and the rollout reloads it as a
-    full model's weights: generation at the base model's speed, for engines without LoRA support or for
-    ``trainer.publish.transport: broadcast``."""
+    full model's weights: generation at the base model's speed. ``adapter``: each publish writes the
+    adapter alone in PEFT format (a few MB) and the rollout loads it into vLLM's own LoRA support
+    (``enable_lora``, one ``LoRARequest`` per policy version) on the base model it started with. vLLM has
+    LoRA on CPU and GPU, but on CPU its torch kernels generate ~4× slower than the merged model, which
+    costs far more than the merged folder's write and reload (bench/RESULTS.md, "LoRA serving"), hence
+    ``merged`` by default; on GPUs (Punica kernels), where a merged publish of a large model is many GB
+    written and read per version, ``adapter`` is the one to choose (not measured here: no GPU)."""
 
     @model_validator(mode="after")
     def _rank_vllm_serves(self) -> LoraConfig:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 STEPS = 64
 REWARDS = ("short", "vowel")
 RUN_TIMEOUT_S = 420
-LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear", "serve": "adapter"}  # vLLM's LoRA path
 LORA_LR = 1e-3
 
 

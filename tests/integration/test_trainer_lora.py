@@ -1,8 +1,8 @@
 """LoRA training for real (``trainer.lora``): DeepSpeed (ZeRO-0 and ZeRO-2, CPU/gloo) on a tiny model, fed
 the model's own generations through a real Redis. The optimizer holds the adapters only and checkpoints
 are adapter-sized next to a full run's; the published folder is the adapter alone, which vLLM-CPU's LoRA
-support serves on the base model as the trainer scores (``serve: adapter``, the default), or the merged
-policy under the base model's names, which reproduces the trainer's log-probs (``serve: merged``); the
+support serves on the base model as the trainer scores (``serve: adapter``), or the merged policy under
+the base model's names, which reproduces the trainer's log-probs (``serve: merged``, the default); the
 checkpoint's adapter loads with
 ``peft.PeftModel.from_pretrained`` and scores the same; resuming restores the adapters and their
 optimizer state and trains on. (ZeRO-3 is refused at load: tests/unit/test_trainer_config.py.)"""
@@ -189,12 +189,12 @@ def vllm_adapter_logprobs(
 def test_lora_publishes_the_adapter_alone_and_vllm_serves_it_as_the_trainer_scores(
     tmp_path: Path, tiny_model_dir: Path, redis_url: str
 ) -> None:
-    """``trainer.lora.serve: adapter`` (the default): every published version is the adapter in PEFT
+    """``trainer.lora.serve: adapter``: every published version is the adapter in PEFT
     format, a few KB here, and the rollout's engine, started on the base model with vLLM's LoRA support,
     serves each newly loaded adapter as the trainer scores it."""
     groups = generate_groups(tiny_model_dir, 4, seed=31)
     push(redis_url, groups)
-    run = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, 2, LORA))
+    run = Trainer(experiment(tmp_path, tiny_model_dir, redis_url, 2, {**LORA, "serve": "adapter"}))
     assert run.run().policy_version == 2
     module = run.engine.module.eval()
     weights = tmp_path / "run" / "weights"
