@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -96,3 +98,34 @@ def demo_shaped_group(vocabulary: int) -> tuple:
     response = torch.zeros(group, prompt_len + answer_len - 1)
     response[:, prompt_len - 1 :] = 1
     return ids, torch.ones_like(ids), response
+
+
+def run_arm(module: str, arm: str, *options: str) -> dict:
+    """Run ``python -m MODULE --arm ARM OPTIONS`` (a bench measuring one arm in a process of its own, so
+    its peak memory and runtime are its own) and return the JSON it prints on a ``RESULT=`` line; exits
+    with the child's output tails when there is none."""
+    child = subprocess.run(
+        [sys.executable, "-m", module, "--arm", arm, *options],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT=")), None)
+    if line is None:
+        raise SystemExit(f"arm {arm} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT="))
+
+
+def ratio_table(
+    names: tuple[str, str], figures: tuple[dict, dict], rows: list[tuple[str, str, str]]
+) -> list[str]:
+    """A markdown table comparing two arms: one line per ``(label, key, format)`` in ``rows`` with both
+    arms' values and the second over the first (nan when the first is 0)."""
+    (first, second), (a, b) = names, figures
+    lines = [f"| | {first} | {second} | {second} / {first} |", "|---|---|---|---|"]
+    for label, key, form in rows:
+        ratio = b[key] / a[key] if a[key] else float("nan")
+        lines.append(f"| {label} | {form.format(a[key])} | {form.format(b[key])} | {ratio:.3f} |")
+    return lines

@@ -17,8 +17,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +25,12 @@ import torch
 
 from bench._common import (
     DEMO_GROUP_SHAPE,
-    ENV,
     REPO,
     demo_shaped_group,
     load,
     machine,
+    ratio_table,
+    run_arm,
     utc_now,
     versions,
     write_section,
@@ -117,21 +116,7 @@ def main() -> None:
     where, load_before = machine(), load()
     figures = {}
     for arm in ARMS:
-        child = subprocess.run(
-            [
-                *(sys.executable, "-m", "bench.lora", "--arm", arm),
-                *("--model", str(args.model), "--repeats", str(args.repeats)),
-            ],
-            cwd=REPO,
-            env={**os.environ, **ENV},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT=")), None)
-        if line is None:
-            raise SystemExit(f"arm {arm} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-        figures[arm] = json.loads(line.removeprefix("RESULT="))
+        figures[arm] = run_arm("bench.lora", arm, "--model", str(args.model), "--repeats", str(args.repeats))
         print(arm, figures[arm], flush=True)
 
     full, lora = figures["full"], figures["lora"]
@@ -144,8 +129,6 @@ def main() -> None:
         f"own process; LoRA = `trainer.lora` defaults (r 16, alpha 32, q/k/v/o/gate/up/down projections); "
         f"load (1, 5, 15 min) before: {load_before}, after: {load()}",
         "",
-        "| | full | LoRA | LoRA / full |",
-        "|---|---|---|---|",
     ]
     rows = [
         ("trainable parameters", "trainable", "{:,.0f}"),
@@ -155,9 +138,7 @@ def main() -> None:
         ("checkpoint (MiB)", "checkpoint_mib", "{:.1f}"),
         ("published state built in (s)", "publish_state_s", "{:.3f}"),
     ]
-    for label, key, form in rows:
-        ratio = lora[key] / full[key] if full[key] else float("nan")
-        lines.append(f"| {label} | {form.format(full[key])} | {form.format(lora[key])} | {ratio:.3f} |")
+    lines += ratio_table(("full", "LoRA"), (full, lora), rows)
     lines += [
         "",
         "The full arm's published state is its parameters themselves (no copy below ZeRO-3); the LoRA arm's "

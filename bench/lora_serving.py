@@ -17,13 +17,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench._common import DEMO_GROUP_SHAPE, ENV, REPO, load, machine, utc_now, versions, write_section
+from bench._common import (
+    DEMO_GROUP_SHAPE,
+    REPO,
+    load,
+    machine,
+    ratio_table,
+    run_arm,
+    utc_now,
+    versions,
+    write_section,
+)
 
 ARMS = ("merged", "adapter")
 PROMPTS, MAX_TOKENS = 4, 128
@@ -107,21 +115,9 @@ def main() -> None:
     where, load_before = machine(), load()
     figures = {}
     for arm in ARMS:
-        child = subprocess.run(
-            [
-                *(sys.executable, "-m", "bench.lora_serving", "--arm", arm),
-                *("--model", str(args.model), "--repeats", str(args.repeats)),
-            ],
-            cwd=REPO,
-            env={**os.environ, **ENV},
-            capture_output=True,
-            text=True,
-            check=False,
+        figures[arm] = run_arm(
+            "bench.lora_serving", arm, "--model", str(args.model), "--repeats", str(args.repeats)
         )
-        line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT=")), None)
-        if line is None:
-            raise SystemExit(f"arm {arm} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-        figures[arm] = json.loads(line.removeprefix("RESULT="))
         print(arm, figures[arm], flush=True)
 
     merged, adapter = figures["merged"], figures["adapter"]
@@ -134,8 +130,6 @@ def main() -> None:
         f"medians of {args.repeats} after a warm-up, each arm in its own process; "
         f"load (1, 5, 15 min) before: {load_before}, after: {load()}",
         "",
-        "| | merged | adapter | adapter / merged |",
-        "|---|---|---|---|",
     ]
     rows = [
         ("published folder (MiB)", "folder_mib", "{:.1f}"),
@@ -145,9 +139,7 @@ def main() -> None:
         ("rollout: generate one batch (s)", "generate_s", "{:.2f}"),
         ("generated tokens / s", "tokens_per_s", "{:.0f}"),
     ]
-    for label, key, form in rows:
-        ratio = adapter[key] / merged[key] if merged[key] else float("nan")
-        lines.append(f"| {label} | {form.format(merged[key])} | {form.format(adapter[key])} | {ratio:.3f} |")
+    lines += ratio_table(("merged", "adapter"), (merged, adapter), rows)
     handoff = {arm: f["write_s"] + 2 * f["digest_s"] + f["reload_s"] for arm, f in figures.items()}
     lines += [
         "",
