@@ -498,8 +498,8 @@ class DynamicSamplingConfig(_Section):
 class LoraConfig(_Section):
     """Train LoRA adapters (PEFT) instead of the full model: the base weights stay frozen, the optimizer
     holds the adapters' parameters only, checkpoints save the adapters alone (plus the adapter in PEFT
-    format, ``checkpoints/step-N/adapter/``), and the rollout serves the base model plus the current
-    adapter (``serve``; docs/operations.md, "LoRA"). Supported with ZeRO stages 0–2."""
+    format, ``checkpoints/step-N/adapter/``), and the rollout serves the merged policy or the base model
+    plus the current adapter (``serve``; docs/operations.md, "LoRA"). Supported with ZeRO stages 0–2."""
 
     r: int = Field(default=16, ge=1)
     """Rank of each adapter (the inner dimension of B·A)."""

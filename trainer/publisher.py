@@ -1,6 +1,7 @@
 """Publish policy weights for the rollout services: a complete safetensors folder (config + tokenizer), or
-under ``trainer.lora.serve: adapter`` the adapter alone in PEFT format, written to a temporary directory and renamed into place so readers never see half a folder, then
-announced as ``{version, path, digest}`` on the policy key and the events channel. Keeps the last N.
+under ``trainer.lora.serve: adapter`` the adapter alone in PEFT format, written to a temporary directory
+and renamed into place so readers never see half a folder, then announced as ``{version, path, digest}``
+on the policy key and the events channel. Keeps the last N.
 
 The weights are written straight from the parameters with ``safetensors.save_file`` (no state-dict copy,
 none of ``save_pretrained``'s sharding and conversion passes): publishing is on the critical path of every
