@@ -125,6 +125,8 @@ class Engine:
         adapters (its base must stay the one the adapters were trained on); vLLM's own errors otherwise.
         Either way the weights served are unchanged."""
         weights_dir = Path(weights_dir).resolve()
+        if not is_adapter_folder(weights_dir) and not (weights_dir / "config.json").is_file():
+            raise ValueError(f"{weights_dir} is neither a model folder nor a PEFT adapter folder")
         if is_adapter_folder(weights_dir) != self.serves_adapters:
             raise ValueError(
                 f"{weights_dir} is {'an adapter' if is_adapter_folder(weights_dir) else 'a whole model'}, but "
@@ -143,10 +145,11 @@ class Engine:
     def _load_adapter(self, folder: Path) -> None:
         from vllm.lora.request import LoRARequest
 
-        # A new id per load: vLLM caches adapters by id, so reusing one would keep serving the old tensors.
-        self._adapter_ids += 1
-        request = LoRARequest(f"policy-{self._adapter_ids}", self._adapter_ids, str(folder))
         with self.lock:
+            # A new id per load, taken under the lock (the follower and the reload route may race): vLLM
+            # caches adapters by id, and a reused one would keep serving the old tensors without an error.
+            self._adapter_ids += 1
+            request = LoRARequest(f"policy-{self._adapter_ids}", self._adapter_ids, str(folder))
             # Loaded now rather than at the next generate, so a bad folder is refused here, old one kept.
             if not self.llm.llm_engine.add_lora(request):
                 raise RuntimeError(f"vLLM did not load the adapter {folder}")
@@ -156,7 +159,12 @@ class Engine:
     def receive(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
         """Receive a policy over the trainer's process group and load it in place (the worker extension
         :class:`rollout_service.worker_extension.GD2POWorkerExtension`). Returns ``{"version", "digest",
-        "bytes"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged."""
+        "bytes"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged, and
+        ValueError when the engine serves adapters (a whole model must not replace the adapters' base)."""
+        if self.serves_adapters:
+            raise ValueError(
+                "this engine serves adapters on its base model; whole-model transfers are refused"
+            )
         with self.lock:
             (result,) = self.llm.collective_rpc(
                 "gd2po_receive_weights",

