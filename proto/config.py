@@ -450,19 +450,12 @@ class PublishConfig(_Section):
     """Publish the policy every N steps; 0 never publishes, so the rollout keeps sampling the starting
     policy (the control arm of a learning check)."""
     background: bool = False
-    """Write, digest and announce the weights on a thread while the next step trains (the snapshot copy
-    stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work."""
+    """Write, digest and announce the weights folders on a thread while the next step trains (the snapshot
+    copy stays on the step). For GPU trainers; on a CPU core shared with training it only moves the work.
+    With ``transport: broadcast`` it applies to the folders written every ``broadcast.disk_every``
+    publishes (the offers are packed on the step and served from threads either way)."""
     keep_last: int = Field(default=3, ge=1)
     """Published weight folders kept; older ones are deleted."""
-
-    @model_validator(mode="after")
-    def _background_writes_folders(self) -> PublishConfig:
-        if self.transport == "broadcast" and self.background:
-            raise ValueError(
-                "trainer.publish.background applies to transport: disk; with broadcast the trainer packs each "
-                "version on the step and serves it from a thread already"
-            )
-        return self
 
 
 class CheckpointConfig(_Section):

@@ -45,7 +45,7 @@ from proto.weight_transfer import (
     unpack,
     write_meta,
 )
-from trainer.publisher import WeightPublisher
+from trainer.publisher import BackgroundPublisher, WeightPublisher
 
 log = logging.getLogger("trainer.broadcaster")
 POP_TIMEOUT_S = 1  # how long the server thread blocks on the request list before checking for close()
@@ -84,10 +84,18 @@ class TransferMetrics:
 
 class BroadcastPublisher:
     """The ``publish``/``close`` interface of :class:`trainer.publisher.WeightPublisher` for the broadcast
-    transport. ``disk`` writes the folders; ``registry``: the trainer's Prometheus registry."""
+    transport. ``disk`` writes the folders: a :class:`trainer.publisher.WeightPublisher`, or with
+    ``trainer.publish.background`` a :class:`trainer.publisher.BackgroundPublisher` around one (a folder's
+    failed write then surfaces at the next folder's publish, which raises as a failed write does);
+    ``registry``: the trainer's Prometheus registry."""
 
     def __init__(
-        self, client: redis.Redis, keys: RedisKeys, disk: WeightPublisher, config: BroadcastConfig, registry
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        disk: WeightPublisher | BackgroundPublisher,
+        config: BroadcastConfig,
+        registry,
     ):
         self.client, self.keys, self.disk, self.config = client, keys, disk, config
         self.metrics = TransferMetrics(registry)
@@ -158,6 +166,7 @@ class BroadcastPublisher:
             state = {name: tensor.clone() for name, tensor in unpack(latest.buffers, latest.buckets)}
             self.disk.publish(self._module, state, latest.version, latest.step)
             self._on_disk = latest.version
+        self.disk.close()  # a background writer finishes its folders (and raises a failed one)
 
     def _serve(self) -> None:
         while not self._closing.is_set():

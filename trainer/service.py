@@ -153,7 +153,8 @@ class Trainer:
         )
         if self.config.trainer.publish.background and rank == 0:
             publisher = BackgroundPublisher(publisher)
-        elif self.config.trainer.publish.transport == "broadcast" and rank == 0:
+        if self.config.trainer.publish.transport == "broadcast" and rank == 0:
+            # Its folders (every disk_every publishes) go through the background writer when there is one.
             publisher = BroadcastPublisher(
                 client, self.keys, publisher, self.config.trainer.publish.broadcast, self.metrics.registry
             )

@@ -171,6 +171,19 @@ class Stack:
             self._ips[key] = container_ip(self.replicas()[service][replica])
         return f"http://{self._ips[key]}:8000"
 
+    def recreated(self, service: str) -> None:
+        """Forget the addresses of a service whose containers were recreated (they get new ones)."""
+        self._ips = {key: ip for key, ip in self._ips.items() if not key.startswith(f"{service}#")}
+
+    def set_knobs(self, **knobs: str) -> None:
+        """Set (or replace) variables of the project's env file; compose reads them at its next call."""
+        lines = [
+            line for line in self.env_file.read_text().splitlines() if line.split("=", 1)[0] not in knobs
+        ]
+        self.env_file.write_text(
+            "".join(f"{line}\n" for line in [*lines, *(f"{k}={v}" for k, v in knobs.items())])
+        )
+
     def metrics(self, service: str, replica: int = 0) -> Metrics:
         return Metrics.scrape(self.url(service, replica))
 

@@ -7,7 +7,8 @@ Prometheus with the shipped rules — until trainer steps advance and each new p
 Stopping the second correctness replica must raise the shipped GD2POServiceDown alert (pending, then
 firing after its `for: 2m`) while training goes on with the first replica. A second rollout replica
 scaled in mid-run (`--scale rollout-cpu=2`) must start on the newest policy, generate, reload, be trained
-from and be scraped. `docker compose down -v` must leave nothing, and the engine is stopped by its PID.
+from and be scraped. Then the trainer is recreated with `WEIGHTS_TRANSPORT=broadcast`: both replicas must
+receive its versions over gloo between the containers. `docker compose down -v` must leave nothing, and the engine is stopped by its PID.
 
 Nothing is skipped: a step that cannot happen (no engine, no image, vLLM that does not start) fails
 with what went wrong and the logs of the service concerned. Fixtures: tests/deploy/conftest.py.
@@ -428,6 +429,49 @@ def test_a_second_rollout_replica_joins_mid_run_and_follows_the_policy(
         return len(health) == 2 and set(health.values()) == {"up"}, health
 
     wait_until("Prometheus scraping both rollout replicas", scraped, 60)
+
+
+def test_weights_reach_both_rollout_replicas_over_gloo_once_the_trainer_broadcasts(
+    stack: Stack, timeline: Timeline
+) -> None:
+    """WEIGHTS_TRANSPORT=broadcast and `docker compose up trainer-cpu`: the trainer is recreated with
+    ``trainer.publish.transport: broadcast`` and resumes from its checkpoint; from its container it serves
+    each new version over gloo (its store at trainer:29500, then gloo's own connections between the
+    containers) to both rollout replicas, which receive versions no folder holds (one every 10) with no
+    failed transfer on either side. (The rollouts are not restarted: the offer in Redis tells them.)"""
+    before = stack.metrics("trainer-cpu").value("gd2po_trainer_policy_version")
+    stack.set_knobs(WEIGHTS_TRANSPORT="broadcast", TOTAL_STEPS="400")  # steps left for the transfers below
+    started = time.monotonic()
+    stack.compose("up", "--detach", "--no-deps", "trainer-cpu")
+    stack.recreated("trainer-cpu")
+    diagnose = lambda: stack.logs("trainer-cpu", "rollout-cpu")  # noqa: E731
+
+    def transfers() -> tuple[bool, str]:
+        trainer = stack.metrics("trainer-cpu")
+        ok = trainer.value("gd2po_trainer_weight_transfers_total", outcome="ok")
+        failed = trainer.value("gd2po_trainer_weight_transfers_total", outcome="failed")
+        assert failed == 0, f"{failed:.0f} weight transfers failed\n{diagnose()}"
+        return (
+            ok >= 4,
+            f"{ok:.0f} transfers, policy version {trainer.value('gd2po_trainer_policy_version'):.0f}",
+        )
+
+    wait_until("four weight transfers from the recreated trainer", transfers, 900, diagnose=diagnose)
+    timeline.record("four broadcast transfers (since the trainer's recreate)", time.monotonic() - started)
+    logs = stack.compose("logs", "--no-color", "rollout-cpu").stdout
+    received = [
+        line for line in logs.splitlines() if "received from the trainer" in line and "policy version" in line
+    ]
+    for replica in (1, 2):  # compose prefixes each line with its container, e.g. `rollout-cpu-2  | …`
+        mine = [line for line in received if line.startswith(f"rollout-cpu-{replica} ")]
+        assert mine, f"rollout replica {replica} received no version over gloo:\n{logs[-4000:]}"
+    for replica in (0, 1):
+        rollout = stack.metrics("rollout-cpu", replica)
+        assert rollout.value("gd2po_rollout_weight_transfer_failures_total") == 0, replica
+        assert rollout.value("gd2po_rollout_weight_reload_failures_total") == 0, replica
+        assert rollout.value("gd2po_rollout_policy_version") > before, (replica, before)
+    trainer = stack.containers()["trainer-cpu"]
+    assert trainer["State"]["Running"] and trainer["RestartCount"] == 0, trainer["State"]
 
 
 def project_leftovers(engine: DockerEngine) -> dict[str, list[str]]:

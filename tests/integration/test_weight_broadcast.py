@@ -20,6 +20,7 @@ import redis
 import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gd2po.ports import free_port
@@ -39,7 +40,7 @@ from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.weights import PolicyFollower
 from trainer.broadcaster import BroadcastPublisher
-from trainer.publisher import WeightPublisher, full_state_dict
+from trainer.publisher import FAULT_PUBLISH_ENV, BackgroundPublisher, WeightPublisher, full_state_dict
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys("broadcast-test")
@@ -166,6 +167,65 @@ def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
         assert restarted.sync() and restarted.version == 5
         assert restarted_registry.get_sample_value("gd2po_rollout_weight_transfer_failures_total") == 1
         assert not restarted.sync()  # the failed offer is not retried at every batch
+    finally:
+        publisher.close()
+        client.close()
+
+
+class SlowWriter(WeightPublisher):
+    """A folder write that takes a second, as a large model's does: whoever does not wait for it misses it."""
+
+    def write(self, module, state, step):
+        time.sleep(1.0)
+        return super().write(module, state, step)
+
+
+def test_background_folder_writes_under_broadcast_land_in_order_and_surface_a_failure(
+    tiny_model_dir: Path, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``trainer.publish.background`` with ``transport: broadcast``: each version is offered at once, the
+    folders of every ``disk_every``-th publish are written on the writer thread from the step's snapshot
+    (their tensors are that version's), ``close`` waits for them, and a failed folder write raises at the
+    next folder's publish, before anything of that version is offered (as a failed write on the step)."""
+    client = redis.Redis.from_url(redis_url)
+    client.delete(KEYS.weights_offer, KEYS.policy)
+    weights = tmp_path / "weights"
+    disk = BackgroundPublisher(SlowWriter(client, KEYS, weights, tiny_model_dir, keep_last=5))
+    config = BroadcastConfig(timeout=TIMEOUT_S, bucket_mib=4, disk_every=2)
+    publisher = BroadcastPublisher(client, KEYS, disk, config, CollectorRegistry())
+    states = {}
+    try:
+        for version in (1, 2, 3):
+            model, states[version] = policy(tiny_model_dir, seed=version)
+            publisher.publish(model, states[version], version=version, step=version)
+            assert decode(client.get(KEYS.weights_offer), WeightOffer).version == version
+        publisher.close()  # version 3 (the 3rd publish) has its folder: close writes none
+        assert sorted(p.name for p in weights.glob("step-*")) == ["step-1", "step-3"]
+        assert decode(client.get(KEYS.policy), PolicyAnnouncement).version == 3
+        written = load_file(weights / "step-3" / "model.safetensors")
+        assert all(torch.equal(written[name], states[3][name]) for name in states[3])
+
+        trigger = tmp_path / "fail-next-publish"
+        monkeypatch.setenv(FAULT_PUBLISH_ENV, str(trigger))
+        failing = BroadcastPublisher(
+            client, KEYS, BackgroundPublisher(WeightPublisher(client, KEYS, weights, tiny_model_dir, 5)),
+            config, CollectorRegistry(),
+        )  # fmt: skip
+        try:
+            trigger.touch()
+            model, state = policy(tiny_model_dir, seed=4)
+            failing.publish(model, state, version=4, step=4)  # its folder's write fails on the thread
+            model, state = policy(tiny_model_dir, seed=5)
+            failing.publish(model, state, version=5, step=5)  # an offer only (disk_every 2)
+            model, state = policy(tiny_model_dir, seed=6)
+            with pytest.raises(OSError, match="injected publish fault"):
+                failing.publish(model, state, version=6, step=6)  # the next folder's publish raises
+            assert decode(client.get(KEYS.weights_offer), WeightOffer).version == 5  # 6 never offered
+            failing.publish(model, state, version=6, step=6)  # retried at the next step: written
+            assert decode(client.get(KEYS.weights_offer), WeightOffer).version == 6
+        finally:
+            failing.close()
+        assert (weights / "step-6").is_dir() and not (weights / "step-4").exists()
     finally:
         publisher.close()
         client.close()

@@ -25,6 +25,7 @@ GD2PO_VARS = (
     "MODEL_PATH",
     "TRAIN_FILE",
     "TOTAL_STEPS",
+    "WEIGHTS_TRANSPORT",
 )
 
 
@@ -94,6 +95,22 @@ def test_swapping_a_reward_endpoint_is_one_variable(tmp_path: Path, monkeypatch)
         "format": ["http://my-format:9000"],
         "length": ["http://reward-length:8000"],
     }
+
+
+def test_broadcast_weights_are_one_variable(tmp_path: Path, monkeypatch) -> None:
+    """WEIGHTS_TRANSPORT=broadcast reaches the trainer and switches its transport; the trainer's store binds
+    every interface and is offered under the DNS name both the GPU and the CPU trainer answer to."""
+    services = rendered(tmp_path, "cpu", WEIGHTS_TRANSPORT="broadcast")["services"]
+    assert "trainer" in services["trainer-cpu"]["networks"]["default"]["aliases"]
+    for name, value in services["trainer-cpu"]["environment"].items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    publish = load_config(COMPOSE_CONFIG).trainer.publish
+    assert (publish.transport, publish.broadcast.host, publish.broadcast.advertise) == (
+        "broadcast", "0.0.0.0", "trainer",
+    )  # fmt: skip
+    monkeypatch.delenv("WEIGHTS_TRANSPORT")
+    assert load_config(COMPOSE_CONFIG).trainer.publish.transport == "disk"  # unset: folders, as before
 
 
 def test_prometheus_scrapes_every_gd2po_service(tmp_path: Path) -> None:

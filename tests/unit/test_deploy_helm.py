@@ -14,7 +14,14 @@ from proto.config import load_config
 EXAMPLE = DEPLOY / "helm" / "examples" / "cpu-external-redis.yaml"
 # A trainer on four nodes of two ranks each: one torchrun pod per node (see the multi-node tests below).
 MULTI_NODE = ["--set", "trainer.nodes=4", "--set", "trainer.nprocPerNode=2"]
-VALUE_SETS = {"default": [], "example": ["-f", str(EXAMPLE)], "multi-node": MULTI_NODE}
+# Weights over gloo from the trainer's rank 0 (here on four nodes: rank 0 may run in any pod).
+BROADCAST = ["--set", "experiment.trainer.publish.transport=broadcast", *MULTI_NODE]
+VALUE_SETS = {
+    "default": [],
+    "example": ["-f", str(EXAMPLE)],
+    "multi-node": MULTI_NODE,
+    "broadcast": BROADCAST,
+}
 
 
 def render(tmp_path: Path, *args: str) -> list[dict]:
@@ -348,3 +355,45 @@ def test_multi_node_trainer_refuses_what_cannot_run(tmp_path: Path, args: list[s
 def test_values_schema_rejects_a_trainer_with_no_nodes(tmp_path: Path) -> None:
     result = run([helm(), "template", "rel", str(CHART), "--set", "trainer.nodes=0"], env=helm_env(tmp_path))
     assert result.returncode != 0 and "/trainer/nodes" in result.stderr, result.stderr
+
+
+def selector(component: str) -> dict:
+    """The NetworkPolicy peer of one component's pods in release ``rel``."""
+    labels = {"app.kubernetes.io/name": "gd2po", "app.kubernetes.io/instance": "rel"}
+    return {"podSelector": {"matchLabels": {**labels, "app.kubernetes.io/component": component}}}
+
+
+def test_broadcast_weights_open_the_trainer_store_to_the_rollouts(tmp_path: Path) -> None:
+    """``experiment.trainer.publish.transport: broadcast``: every trainer pod binds its weight store on
+    ``trainer.broadcastPort`` and advertises its own pod IP (rank 0 may run in any pod of a multi-node
+    trainer), and the NetworkPolicies let trainer and rollout pods reach each other on every port (the
+    store, then gloo's own ports, either direction). With the default ``disk`` none of it is rendered."""
+    docs = render(tmp_path, *BROADCAST)
+    _, container, _ = trainer_objects(docs)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GD2PO_TRAINER__PUBLISH__BROADCAST__HOST"]["value"] == "0.0.0.0"
+    assert env["GD2PO_TRAINER__PUBLISH__BROADCAST__PORT"]["value"] == "29500"
+    assert env["GD2PO_TRAINER__PUBLISH__BROADCAST__ADVERTISE"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "status.podIP"
+    )
+    assert {"name": "weights", "containerPort": 29500} in container["ports"]
+    (configmap,) = by_kind(docs, "ConfigMap").values()
+    path = tmp_path / "config.yaml"
+    path.write_text(configmap["data"]["config.yaml"])
+    assert load_config(path).trainer.publish.transport == "broadcast"
+
+    policies = by_kind(docs, "NetworkPolicy")
+    trainer, rollout = policies["rel-gd2po-trainer"]["spec"], policies["rel-gd2po-rollout"]["spec"]
+    assert {"from": [selector("rollout")]} in trainer["ingress"] and {"to": [selector("rollout")]} in trainer[
+        "egress"
+    ]
+    assert {"from": [selector("trainer")]} in rollout["ingress"] and {"to": [selector("trainer")]} in rollout[
+        "egress"
+    ]
+
+    _, disk_container, _ = trainer_objects(disk := render(tmp_path, *MULTI_NODE))
+    assert not any(e["name"].startswith("GD2PO_TRAINER__PUBLISH__") for e in disk_container["env"])
+    assert "weights" not in {p["name"] for p in disk_container["ports"]}
+    disk_policies = by_kind(disk, "NetworkPolicy")
+    assert {"from": [selector("rollout")]} not in disk_policies["rel-gd2po-trainer"]["spec"]["ingress"]
+    assert {"to": [selector("trainer")]} not in disk_policies["rel-gd2po-rollout"]["spec"]["egress"]

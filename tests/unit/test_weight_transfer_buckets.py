@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.config import ConfigError, load_config
+from proto.config import load_config
 from proto.weight_transfer import DTYPES, bucket_nbytes, buffers_digest, pack, plan_buckets, unpack
 
 shapes = st.lists(st.integers(0, 7), min_size=1, max_size=3)  # empty tensors too
@@ -56,11 +56,11 @@ def test_a_dtype_that_cannot_travel_is_named() -> None:
         plan_buckets({"phase": torch.zeros(2, dtype=torch.complex64)}, 1024)
 
 
-def test_the_broadcast_transport_refuses_the_background_writer(tmp_path) -> None:
+def test_the_broadcast_transport_takes_its_settings_and_the_background_writer(tmp_path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text("trainer:\n  publish: {transport: broadcast, background: true}\n")
-    with pytest.raises(ConfigError, match="background applies to transport: disk"):
-        load_config(path)
+    publish = load_config(path).trainer.publish  # background then writes the disk_every folders
+    assert (publish.transport, publish.background) == ("broadcast", True)
     path.write_text("trainer:\n  publish: {transport: broadcast, broadcast: {disk_every: 5, timeout: 30}}\n")
     publish = load_config(path).trainer.publish
     assert (publish.transport, publish.broadcast.disk_every, publish.broadcast.timeout) == (
