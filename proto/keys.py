@@ -76,6 +76,12 @@ class RedisKeys:
         return f"{self.namespace}:dead"
 
     @property
+    def published(self) -> str:
+        """Set of group ids a rollout added to the groups stream: each is added (and counted in
+        ``produced``) once, even when a lost reply makes the rollout's Redis client send the call again."""
+        return f"{self.namespace}:published"
+
+    @property
     def produced(self) -> str:
         """Counter of groups produced; with the ledger sets it lets tests account for every group."""
         return f"{self.namespace}:produced"

@@ -18,10 +18,10 @@ from proto.deadletter import add_dead_letter
 from proto.keys import RedisKeys
 from proto.startup import StartupError
 from proto.stream import (
+    MESSAGE_FIELD,
     GroupsWanted,
     QueueState,
     ensure_consumer_group,
-    entry_fields,
     groups_wanted,
     produced_count,
     queue_state,
@@ -32,28 +32,60 @@ class PromptOrderMismatch(StartupError):
     """A rollout's prompt order is not the one the experiment's other rollouts use."""
 
 
+# Adds each message to a stream once and counts it once in ``produced``, atomically. The rollout's Redis
+# client re-sends a call whose connection dropped (proto/redis_conn.py); when Redis had already run it and
+# only the reply was lost, a plain MULTI/EXEC would add the groups twice and over-count ``produced`` — which
+# a synchronous trainer compares to decide whether its request for more groups was served. The id set
+# makes the second run a no-op. KEYS: stream, id set, produced counter; ARGV: field, then id, message pairs.
+_ADD_ONCE = """
+local field = ARGV[1]
+local added = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[1], '*', field, ARGV[i + 1])
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('INCRBY', KEYS[3], added)
+end
+return added
+"""
+
+
 class Producer:
-    """``audit``: the producers' log (``run.audit``); each group is appended once Redis acknowledged it."""
+    """``audit``: the producers' log (``run.audit``); each group is appended once Redis acknowledged it.
+
+    Groups and dead letters are added once per group id (the ``published`` and ``dead`` sets), so a call
+    the Redis client re-sends after a lost reply neither duplicates them nor over-counts ``produced``."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, audit: AuditLog | None = None):
         self.client, self.keys, self.audit = client, keys, audit
+        self._add_once = client.register_script(_ADD_ONCE)
         ensure_consumer_group(client, keys)
 
     def publish(self, groups: list[ScoredGroup]) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        for group in groups:
-            pipe.xadd(self.keys.groups, entry_fields(encode(group)))
-        pipe.incrby(self.keys.produced, len(groups))
-        pipe.execute()
+        self._add(self.keys.groups, self.keys.published, [(g.group_id, encode(g)) for g in groups])
         self._audit(groups, "published")
 
     def dead_letter(self, letters: list[DeadLetter]) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        for letter in letters:
-            add_dead_letter(pipe, self.keys, letter)
-        pipe.incrby(self.keys.produced, len(letters))
-        pipe.execute()
+        keyed = [(letter.group_id, encode(letter)) for letter in letters if letter.group_id is not None]
+        self._add(self.keys.deadletter, self.keys.dead, keyed)
+        anonymous = [letter for letter in letters if letter.group_id is None]
+        if anonymous:  # nothing to recognise a repeat by: added as they come
+            pipe = self.client.pipeline(transaction=True)
+            for letter in anonymous:
+                add_dead_letter(pipe, self.keys, letter)
+            pipe.incrby(self.keys.produced, len(anonymous))
+            pipe.execute()
         self._audit(letters, "dead_lettered")
+
+    def _add(self, stream: str, ids: str, messages: list[tuple[str, bytes]]) -> None:
+        if messages:
+            args: list[str | bytes] = [MESSAGE_FIELD]
+            for group_id, message in messages:
+                args += [group_id, message]
+            self._add_once(keys=[stream, ids, self.keys.produced], args=args)
 
     def _audit(self, groups: list[ScoredGroup] | list[DeadLetter], outcome: str) -> None:
         if self.audit is not None:
