@@ -255,6 +255,10 @@ class RolloutConfig(_Section):
     enforce_eager: bool = True
     """True skips compiling the model; false compiles it (CUDA graphs on GPUs, torch.compile on CPU):
     faster decoding for a much slower start (bench/RESULTS.md). True keeps short runs short."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """vLLM workers the model is sharded over in each rollout engine (one GPU each; on CPU each worker gets
+    its share of the service's cores unless VLLM_CPU_OMP_THREADS_BIND says otherwise). Folder reloads and
+    broadcast transfers reach every worker (docs/architecture.md §4.3.1)."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
     replicas: int = Field(default=1, ge=1)
     """Rollout services ``gd2po up`` starts (compose: ``--scale rollout-cpu=N``; Helm: ``rollout.replicas``).

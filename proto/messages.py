@@ -308,6 +308,12 @@ class WeightRequest(_WireModel):
     nonce: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     version: int = Field(ge=0, le=INT64_MAX, description="The offered version the replica saw.")
     created_at: float = Field(description="Unix time; the trainer skips requests older than its timeout.")
+    receivers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Ranks joining besides the trainer: the engine's workers (its tensor-parallel size).",
+    )
 
 
 WIRE_MODELS: tuple[type[BaseModel], ...] = (

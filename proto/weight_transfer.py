@@ -1,7 +1,8 @@
 """Policy weights sent over a torch.distributed process group instead of a folder on disk
 (``trainer.publish.transport: broadcast``; the contract both sides share).
 
-One transfer is one two-rank gloo group — rank 0 the trainer, rank 1 a rollout engine's worker — formed
+One transfer is one gloo group — rank 0 the trainer, ranks 1… the workers of one rollout engine (one, or
+its tensor-parallel size; each receives every bucket and loads its own shard) — formed
 under ``transfer/<nonce>`` of the trainer's ``TCPStore`` when a rollout asks for it (a
 :class:`proto.WeightRequest`). A group per transfer means a replica that dies or hangs costs only its own
 transfer, never the others', and every step of it has a timeout: the store rendezvous, each bucket's
@@ -159,14 +160,17 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
         raise WeightTransferError(f"cannot reach the trainer's weight store at {host}:{port}: {exc}") from exc
 
 
-def open_group(store: dist.Store, nonce: str, rank: int, timeout_s: float) -> dist.ProcessGroupGloo:
-    """The two-rank gloo group of one transfer (rank 0 the trainer). Raises WeightTransferError when the
-    other side does not join within ``timeout_s``."""
+def open_group(
+    store: dist.Store, nonce: str, rank: int, timeout_s: float, size: int = 2
+) -> dist.ProcessGroupGloo:
+    """The gloo group of one transfer: rank 0 the trainer, ranks 1 … size − 1 the engine's workers (one
+    for an engine without tensor parallelism). Raises WeightTransferError when a member does not join
+    within ``timeout_s``."""
     try:
         return dist.ProcessGroupGloo(
             dist.PrefixStore(f"{transfer_prefix(nonce)}/group", store),
             rank,
-            2,
+            size,
             datetime.timedelta(seconds=timeout_s),
         )
     except (dist.DistStoreError, RuntimeError) as exc:

@@ -38,9 +38,11 @@ class Engine:
         kv_cache_gib: float = 1.0,
         enforce_eager: bool = True,
         lora_rank: int | None = None,
+        tensor_parallel_size: int = 1,
     ):
         """``lora_rank``: serve PEFT adapters of up to this rank on the base model (vLLM's LoRA support;
-        ``trainer.lora.serve: adapter``); None serves whole models only."""
+        ``trainer.lora.serve: adapter``); None serves whole models only. ``tensor_parallel_size``: workers
+        the model is sharded over (``rollout.tensor_parallel_size``; vLLM's multiprocessing executor)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         from vllm import LLM
 
@@ -63,7 +65,9 @@ class Engine:
             # Reloads that keep a tied output layer current, and weights received over a process group.
             worker_extension_cls="rollout_service.worker_extension.GD2POWorkerExtension",
             **_lora_options(lora_rank),
+            **_tensor_parallel_options(tensor_parallel_size),
         )
+        self.tensor_parallel_size = tensor_parallel_size
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
         self.serves_adapters = lora_rank is not None
@@ -166,12 +170,13 @@ class Engine:
                 "this engine serves adapters on its base model; whole-model transfers are refused"
             )
         with self.lock:
-            (result,) = self.llm.collective_rpc(
+            # Every worker joins the transfer's group (rank 1 + its tensor-parallel rank) and loads its shard.
+            results = self.llm.collective_rpc(
                 "gd2po_receive_weights",
                 kwargs={"host": host, "port": port, "nonce": nonce, "timeout_s": timeout_s},
             )
             self.llm.reset_prefix_cache()
-        return result
+        return results[0]
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -187,6 +192,36 @@ def _lora_options(rank: int | None) -> dict:
         raise ValueError(f"LoRA rank {rank} is above {VLLM_LORA_RANKS[-1]}, the largest vLLM serves")
     # One adapter in memory: each policy version replaces the last (the lock keeps generations off it).
     return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": 1, "max_cpu_loras": 1}
+
+
+def _tensor_parallel_options(size: int) -> dict:
+    """vLLM options sharding the model over ``size`` workers (none for one). On CPU vLLM binds each worker's
+    threads to a NUMA node of its own and refuses when there are fewer nodes than workers (a laptop or a
+    VM has one): unless VLLM_CPU_OMP_THREADS_BIND is set, each worker gets an equal share of the cores this
+    process may run on (``gd2po up`` pins the rollout to its half)."""
+    if size == 1:
+        return {}
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            _core_shares(sorted(os.sched_getaffinity(0)), size)
+        )
+    return {"tensor_parallel_size": size, "distributed_executor_backend": "mp"}
+
+
+def _core_shares(cores: list[int], workers: int) -> list[str]:
+    """``cores`` split into ``workers`` contiguous shares as vLLM's CPU binding lists them ("0,1"); with
+    fewer cores than workers, workers share cores round-robin (correct, not fast)."""
+    if len(cores) < workers:
+        return [str(cores[i % len(cores)]) for i in range(workers)]
+    share, extra = divmod(len(cores), workers)
+    shares, start = [], 0
+    for worker in range(workers):
+        end = start + share + (worker < extra)
+        shares.append(",".join(str(c) for c in cores[start:end]))
+        start = end
+    return shares
 
 
 def _position_limit(model_dir: Path) -> int:

@@ -84,6 +84,7 @@ class RolloutService:
             kv_cache_gib=config.rollout.kv_cache_gib,
             enforce_eager=config.rollout.enforce_eager,
             lora_rank=_served_lora_rank(config),
+            tensor_parallel_size=config.rollout.tensor_parallel_size,
         )
         self.policy = PolicyFollower(
             self.engine,

@@ -95,7 +95,11 @@ class PolicyFollower:
         started = time.perf_counter()
         try:
             request = WeightRequest(
-                producer_id=self.producer_id, nonce=nonce, version=offer.version, created_at=time.time()
+                producer_id=self.producer_id,
+                nonce=nonce,
+                version=offer.version,
+                created_at=time.time(),
+                receivers=self.engine.tensor_parallel_size,
             )
             self.client.rpush(self.keys.weights_requests, encode(request))
             result = self.engine.receive(offer.host, offer.port, nonce, self.transfer_timeout)

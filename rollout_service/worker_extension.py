@@ -14,10 +14,11 @@ the starting policy's output layer: log-probs that were not the trainer's (a 0.1
 the tiny test model). After every reload the output layer is tied to the reloaded embeddings again and its
 kernel rebuilt (:meth:`GD2POWorkerExtension._retie_output_layer`).
 
-**Transfers.** A transfer group has two ranks, the trainer and one worker: engines with one worker (tensor
-parallel 1, every CPU engine) only; a tensor-parallel engine would need a rank per worker, which is not
-implemented. The received buffers are checked against the digest before anything is loaded, then handed
-to the same in-place reload with the trainer's (Hugging Face) tensor names.
+**Transfers.** A transfer group has the trainer as rank 0 and every worker of the engine as rank 1 + its
+tensor-parallel rank (``rollout.tensor_parallel_size``; one worker without it): each worker receives every
+bucket and its in-place reload keeps its own shard of each tensor. The received buffers are checked
+against the digest before anything is loaded, then handed to the same in-place reload with the trainer's
+(Hugging Face) tensor names.
 """
 
 from __future__ import annotations
@@ -35,13 +36,20 @@ class GD2POWorkerExtension:
         """Join transfer ``nonce`` at the trainer's store ``host:port``, receive and verify every bucket,
         then reload the weights in place. Returns ``{"version", "digest", "bytes"}``. Raises
         :class:`proto.weight_transfer.WeightTransferError`; the weights are unchanged then."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         store = connect_store(host, port, timeout_s)
         version, digest, buckets = read_meta(store, nonce)
-        group = open_group(store, nonce, 1, timeout_s)
+        workers = get_tensor_model_parallel_world_size()
+        group = open_group(store, nonce, 1 + get_tensor_model_parallel_rank(), timeout_s, size=1 + workers)
         buffers = receive(group, buckets, digest, timeout_s)
         self.model_runner.reload_weights(weights_iterator=unpack(buffers, buckets))
         self._retie_output_layer()
         return {"version": version, "digest": digest, "bytes": sum(b.numel() for b in buffers)}
+
+    def gd2po_shard_shapes(self) -> dict[str, list[int]]:
+        """The shape of every parameter this worker holds (its shard under tensor parallelism)."""
+        return {name: list(p.shape) for name, p in self.model_runner.get_model().named_parameters()}
 
     def _retie_output_layer(self) -> None:
         """With tied word embeddings, point the output layer at the reloaded embeddings and rebuild its

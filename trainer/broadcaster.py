@@ -209,7 +209,7 @@ class BroadcastPublisher:
         try:
             store = connect_store(*self._local, self.config.timeout)
             write_meta(store, request.nonce, packed.version, packed.digest, packed.buckets)
-            group = open_group(store, request.nonce, 0, self.config.timeout)
+            group = open_group(store, request.nonce, 0, self.config.timeout, size=1 + request.receivers)
             send(group, packed.buffers, self.config.timeout)
         except WeightTransferError as exc:
             self.metrics.transfers.labels("failed").inc()
