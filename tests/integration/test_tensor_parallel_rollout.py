@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from policy_weights import perturbed_policy
 from prometheus_client import CollectorRegistry
-from transformers import AutoModelForCausalLM
 
 from proto.config import BroadcastConfig
 from proto.keys import RedisKeys
 from trainer.broadcaster import BroadcastPublisher
-from trainer.publisher import WeightPublisher, full_state_dict
+from trainer.publisher import WeightPublisher
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys("tensor-parallel-test")
@@ -61,16 +61,6 @@ if __name__ == "__main__":
 """
 
 
-def policy(tiny_model_dir: Path, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The tiny model with every weight moved by seeded noise: a policy the engine has never served."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model, full_state_dict(model, zero_stage=0, snapshot=True)
-
-
 def teacher_forced_logprobs(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.tensor([SEQUENCE])
     with torch.no_grad():
@@ -87,9 +77,9 @@ def test_a_two_worker_engine_serves_the_trainers_policy_from_a_folder_and_over_g
     disk = WeightPublisher(client, KEYS, tmp_path / "weights", tiny_model_dir, keep_last=3)
     publisher = BroadcastPublisher(client, KEYS, disk, BroadcastConfig(timeout=30.0, bucket_mib=4), registry)
     try:
-        first, state = policy(tiny_model_dir, seed=1)
+        first, state = perturbed_policy(tiny_model_dir, seed=1)
         publisher.publish(first, state, version=1, step=1)  # a folder (the first publish) and an offer
-        second, state = policy(tiny_model_dir, seed=2)
+        second, state = perturbed_policy(tiny_model_dir, seed=2)
         publisher.publish(second, state, version=2, step=2)  # an offer only: reachable over gloo alone
         script = tmp_path / "tp_rollout.py"
         script.write_text(TP_ROLLOUT)

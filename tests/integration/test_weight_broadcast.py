@@ -19,9 +19,9 @@ import pytest
 import redis
 import torch
 import torch.distributed as dist
+from policy_weights import perturbed_policy
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from gd2po.ports import free_port
 from proto import PolicyAnnouncement, WeightOffer, WeightRequest, decode, encode
@@ -40,7 +40,7 @@ from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.weights import PolicyFollower
 from trainer.broadcaster import BroadcastPublisher
-from trainer.publisher import FAULT_PUBLISH_ENV, BackgroundPublisher, WeightPublisher, full_state_dict
+from trainer.publisher import FAULT_PUBLISH_ENV, BackgroundPublisher, WeightPublisher
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys("broadcast-test")
@@ -85,16 +85,6 @@ def trainer_logprobs(model: torch.nn.Module, token_ids: list[int]) -> torch.Tens
     return torch.log_softmax(logits, -1).gather(1, ids[0, len(PROMPT) :, None])[:, 0]
 
 
-def policy(tiny_model_dir: Path, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The tiny model with every weight moved by seeded noise: a policy the engine has never served."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model, full_state_dict(model, zero_stage=0, snapshot=True)  # what the trainer publishes
-
-
 def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
     engine: Engine, tiny_model_dir: Path, redis_url: str, tmp_path: Path
 ) -> None:
@@ -109,7 +99,7 @@ def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
     )
     try:
         # Version 1: offered and (first publish) written as a folder; the follower takes the offer.
-        model, state = policy(tiny_model_dir, seed=1)
+        model, state = perturbed_policy(tiny_model_dir, seed=1)
         publisher.publish(model, state, version=1, step=1)
         assert follower.sync() and follower.version == 1
         assert registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "ok"}) == 1
@@ -127,13 +117,13 @@ def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
         assert again.token_ids == served.token_ids and torch.equal(again.logprobs, served.logprobs)
 
         # Version 2: an offer only (disk_every 3); the follower moves to it, the folder stays at 1.
-        model, state = policy(tiny_model_dir, seed=2)
+        model, state = perturbed_policy(tiny_model_dir, seed=2)
         publisher.publish(model, state, version=2, step=2)
         assert follower.sync() and follower.version == 2
         assert not follower.sync()  # nothing newer: the folder's version 1 never takes it back
 
         # A receiver that dies after the first bucket: that transfer fails, the trainer goes on.
-        model, state = policy(tiny_model_dir, seed=3)
+        model, state = perturbed_policy(tiny_model_dir, seed=3)
         publisher.publish(model, state, version=3, step=3)
         dying = threading.Thread(target=receive_one_bucket_then_die, args=(client, publisher))
         dying.start()
@@ -148,7 +138,7 @@ def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
         # Version 4 is a folder again (4th publish); version 5 an offer only. Closing withdraws the offer
         # and writes the last version's folder: the run's final policy ends up on disk.
         for version in (4, 5):
-            model, state = policy(tiny_model_dir, seed=version)
+            model, state = perturbed_policy(tiny_model_dir, seed=version)
             publisher.publish(model, state, version=version, step=version)
         publisher.close()
         assert client.get(KEYS.weights_offer) is None
@@ -196,7 +186,7 @@ def test_background_folder_writes_under_broadcast_land_in_order_and_surface_a_fa
     states = {}
     try:
         for version in (1, 2, 3):
-            model, states[version] = policy(tiny_model_dir, seed=version)
+            model, states[version] = perturbed_policy(tiny_model_dir, seed=version)
             publisher.publish(model, states[version], version=version, step=version)
             assert decode(client.get(KEYS.weights_offer), WeightOffer).version == version
         publisher.close()  # version 3 (the 3rd publish) has its folder: close writes none
@@ -213,11 +203,11 @@ def test_background_folder_writes_under_broadcast_land_in_order_and_surface_a_fa
         )  # fmt: skip
         try:
             trigger.touch()
-            model, state = policy(tiny_model_dir, seed=4)
+            model, state = perturbed_policy(tiny_model_dir, seed=4)
             failing.publish(model, state, version=4, step=4)  # its folder's write fails on the thread
-            model, state = policy(tiny_model_dir, seed=5)
+            model, state = perturbed_policy(tiny_model_dir, seed=5)
             failing.publish(model, state, version=5, step=5)  # an offer only (disk_every 2)
-            model, state = policy(tiny_model_dir, seed=6)
+            model, state = perturbed_policy(tiny_model_dir, seed=6)
             with pytest.raises(OSError, match="injected publish fault"):
                 failing.publish(model, state, version=6, step=6)  # the next folder's publish raises
             assert decode(client.get(KEYS.weights_offer), WeightOffer).version == 5  # 6 never offered
@@ -269,7 +259,7 @@ def test_a_dead_replica_and_bad_requests_never_hold_up_a_live_replica(
     disk = WeightPublisher(client, KEYS, tmp_path / "weights", tiny_model_dir, keep_last=1)
     publisher = BroadcastPublisher(client, KEYS, disk, BroadcastConfig(timeout=TIMEOUT_S), registry)
     try:
-        model, state = policy(tiny_model_dir, seed=7)
+        model, state = perturbed_policy(tiny_model_dir, seed=7)
         publisher.publish(model, state, version=1, step=1)
         client.rpush(KEYS.weights_requests, b"\x00not msgpack")
         bad = {"producer_id": "x", "nonce": "NOT-HEX", "version": 1, "created_at": time.time()}
