@@ -41,7 +41,8 @@ def tiny_stack_config(
         del config["sft"]
     config["model"].update(path=str(model_dir), max_response_tokens=16, max_prompt_tokens=2048)
     config["rewards"][0]["launch"]["replicas"] = correctness_replicas
-    config["rollout"].update(prompts_per_batch=2, max_backlog=6)
+    # Its own batch shape, whatever the demo's: 2 prompts × 4 rollouts a step.
+    config["rollout"].update(group_size=4, prompts_per_batch=2, max_backlog=6)
     config["trainer"].update(
         total_steps=steps,
         prompts_per_step=2,
