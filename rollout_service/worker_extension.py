@@ -47,10 +47,6 @@ class GD2POWorkerExtension:
         self._retie_output_layer()
         return {"version": version, "digest": digest, "bytes": sum(b.numel() for b in buffers)}
 
-    def gd2po_shard_shapes(self) -> dict[str, list[int]]:
-        """The shape of every parameter this worker holds (its shard under tensor parallelism)."""
-        return {name: list(p.shape) for name, p in self.model_runner.get_model().named_parameters()}
-
     def _retie_output_layer(self) -> None:
         """With tied word embeddings, point the output layer at the reloaded embeddings and rebuild its
         kernel (see the module docstring). A model without a tie, or with another layout, is left alone."""

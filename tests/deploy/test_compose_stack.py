@@ -8,7 +8,8 @@ Stopping the second correctness replica must raise the shipped GD2POServiceDown 
 firing after its `for: 2m`) while training goes on with the first replica. A second rollout replica
 scaled in mid-run (`--scale rollout-cpu=2`) must start on the newest policy, generate, reload, be trained
 from and be scraped. Then the trainer is recreated with `WEIGHTS_TRANSPORT=broadcast`: both replicas must
-receive its versions over gloo between the containers. `docker compose down -v` must leave nothing, and the engine is stopped by its PID.
+receive its versions over gloo between the containers. `docker compose down -v` must leave nothing, and
+the engine is stopped by its PID.
 
 Nothing is skipped: a step that cannot happen (no engine, no image, vLLM that does not start) fails
 with what went wrong and the logs of the service concerned. Fixtures: tests/deploy/conftest.py.

@@ -37,6 +37,10 @@ from rollout_service.engine import Engine
 from rollout_service.metrics import RolloutMetrics
 from rollout_service.weights import PolicyFollower
 
+def shard_shapes(worker):
+    # Sent to every worker by collective_rpc: the shape of each parameter it holds (its shard).
+    return {name: list(p.shape) for name, p in worker.model_runner.get_model().named_parameters()}
+
 def main():
     model, folder, url, namespace, ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
     engine = Engine(ModelConfig(path=model, max_prompt_tokens=64, max_response_tokens=8), tensor_parallel_size=2)
@@ -47,7 +51,7 @@ def main():
         )
         return [d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])]
 
-    print("SHARDS=" + json.dumps(engine.llm.collective_rpc("gd2po_shard_shapes")))
+    print("SHARDS=" + json.dumps(engine.llm.collective_rpc(shard_shapes)))
     engine.reload(folder)
     print("FOLDER=" + json.dumps(logprobs()))
     follower = PolicyFollower(

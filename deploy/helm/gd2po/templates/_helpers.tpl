@@ -161,3 +161,8 @@ cluster can be asked: (dict "root" $ "name" trainerName "nodes" N).
 {{- fail (printf "trainer.nodes=%d: StatefulSet %s was made for %s trainer and cannot be changed in place (podManagementPolicy and serviceName are immutable). Delete it first, keeping the weights volume and its checkpoints (kubectl -n %s delete statefulset %s), then upgrade again: the new pods --resume" .nodes .name (ternary "a multi-node" "a single-node" (eq $was "Parallel")) .root.Release.Namespace .name) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the experiment sends weights over a process group (trainer.publish.transport: broadcast). */}}
+{{- define "gd2po.broadcastWeights" -}}
+{{- eq (dig "trainer" "publish" "transport" "disk" .Values.experiment) "broadcast" -}}
+{{- end -}}
