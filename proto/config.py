@@ -419,8 +419,16 @@ class LossConfig(_Section):
 
 
 class BroadcastConfig(_Section):
-    """``transport: broadcast``: the trainer (rank 0) serves each new version over a two-rank gloo process
-    group per rollout transfer (proto/weight_transfer.py), rendezvous through a TCPStore it hosts."""
+    """``transport: broadcast``: the trainer (rank 0) serves each new version over a process group of its
+    own and one rollout engine's workers, one group per transfer (proto/weight_transfer.py), rendezvous
+    through a TCPStore it hosts."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Kind of each transfer's group. ``auto``: NCCL (device to device) when the trainer and that engine
+    both have a CUDA device and a torch with NCCL, else gloo (host memory). ``nccl``: NCCL only — the
+    trainer refuses to start without it, and a transfer to an engine without it fails (the replica
+    catches up from the folders). ``gloo``: always gloo. The NCCL path has not run on this project's
+    CPU-only machines (docs/architecture.md §4.3.1)."""
 
     host: str = "127.0.0.1"
     """Address the trainer's store binds to (0.0.0.0 in containers)."""
@@ -702,8 +710,9 @@ class ExperimentConfig(BaseSettings):
     sft: SFTConfig | None = None
     synchronous: bool = False
     """Generate only after the trainer caught up (every group on-policy). Needs trainer.publish.every: 1,
-    rollout.replicas: 1 and rollout.prompts_per_batch = trainer.prompts_per_step (smaller only with
-    trainer.dynamic_sampling, whose trainer asks for the groups it lacks); refused at load otherwise."""
+    rollout.replicas: 1 and rollout.prompts_per_batch <= trainer.prompts_per_step (refused at load
+    otherwise); a trainer still short of groups after reading everything asks the rollout for them at its
+    version (a smaller batch, dead-lettered groups, a failed publish, dynamic sampling)."""
 
     @field_validator("rewards")
     @classmethod
@@ -740,13 +749,6 @@ class ExperimentConfig(BaseSettings):
                 f"synchronous: true needs rollout.prompts_per_batch ({batch}) <= trainer.prompts_per_step "
                 f"({step}): the {batch - step} groups a step does not read wait for the next one, a policy "
                 "version behind, and a synchronous run promises every group on-policy"
-            )
-        if self.synchronous and batch < step and sampling is None:
-            raise ValueError(
-                f"synchronous: true with rollout.prompts_per_batch ({batch}) < trainer.prompts_per_step "
-                f"({step}) deadlocks: the trainer waits for {step} groups while the rollout, having "
-                "generated its batch, waits for new weights; make them equal (or set "
-                "trainer.dynamic_sampling, whose trainer asks for the groups it lacks)"
             )
         if sampling is not None and not self.synchronous:
             low, high = self.backlog_limits()

@@ -314,6 +314,12 @@ class WeightRequest(_WireModel):
         le=64,
         description="Ranks joining besides the trainer: the engine's workers (its tensor-parallel size).",
     )
+    backends: list[Literal["gloo", "nccl"]] = Field(
+        default=["gloo"],
+        min_length=1,
+        max_length=2,
+        description="Group kinds the engine's workers can join (NCCL only with CUDA and a torch with NCCL).",
+    )
 
 
 WIRE_MODELS: tuple[type[BaseModel], ...] = (

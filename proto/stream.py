@@ -141,9 +141,10 @@ def want_more_groups(
     client: redis.Redis, keys: RedisKeys, policy_version: int, produced: int, groups: int
 ) -> None:
     """The trainer asks for a batch of ``groups`` more groups: it is at ``policy_version``, has read
-    every group the stream held and still lacks informative ones (``trainer.dynamic_sampling`` in a
-    synchronous run, where the rollout otherwise waits for a new version while the trainer waits for
-    groups). The trainer reads every group of such a batch within the step, so none is left to go stale.
+    every group the stream held and still lacks some (a synchronous run, where the rollout otherwise
+    waits for a new version while the trainer waits for groups: ``trainer.dynamic_sampling`` skipped
+    groups without signal, groups were dead-lettered, or a publish failed and no new version came). The
+    trainer reads every group of such a batch within the step, so none is left to go stale.
 
     ``produced`` is the ``produced`` counter read *before* the trainer's read that came back empty (see
     :func:`produced_count`): groups are published with their count in one transaction, so every group

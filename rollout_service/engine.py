@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proto import Completion
 from proto.config import ModelConfig
+from proto.weight_transfer import local_backends
 from proto.weights import is_adapter_folder
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: seconds, not tens
@@ -68,6 +69,10 @@ class Engine:
             **_tensor_parallel_options(tensor_parallel_size),
         )
         self.tensor_parallel_size = tensor_parallel_size
+        from vllm.platforms import current_platform
+
+        self.transfer_backends = local_backends(current_platform.is_cuda())
+        """Group kinds this engine's workers can join for a weight transfer (sent in each request)."""
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
         self.serves_adapters = lora_rank is not None
@@ -163,7 +168,7 @@ class Engine:
     def receive(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
         """Receive a policy over the trainer's process group and load it in place (the worker extension
         :class:`rollout_service.worker_extension.GD2POWorkerExtension`). Returns ``{"version", "digest",
-        "bytes"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged, and
+        "bytes", "backend"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged, and
         ValueError when the engine serves adapters (a whole model must not replace the adapters' base)."""
         if self.serves_adapters:
             raise ValueError(

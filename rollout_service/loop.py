@@ -94,6 +94,7 @@ class RolloutLoop:
         self.producer_id = producer_id or f"rollout-{self.session}"
         self.batches = 0
         self.last_version = 0
+        """The policy version the last batch was sampled at."""
         self.served_request: GroupsWanted | None = None  # the trainer's last request for more groups served
         self.batch_prompts = config.rollout.prompts_per_batch  # the next batch's; a request sets it
         self.stopping = asyncio.Event()
@@ -113,6 +114,9 @@ class RolloutLoop:
                 if self.stopping.is_set():
                     break
                 await asyncio.to_thread(self.policy.sync)
+                if self.config.synchronous and await asyncio.to_thread(self._behind_the_offer):
+                    await asyncio.sleep(POLL_S)  # the transfer is tried again (after its pause)
+                    continue
                 batch = await asyncio.to_thread(self._generate, self.batch_prompts)
                 if scoring is not None:
                     await scoring  # keep at most one batch in scoring
@@ -154,21 +158,29 @@ class RolloutLoop:
             return True
         if depth:
             return False
-        announced = self.policy.announced()
-        if announced is not None and announced.version > self.last_version:
+        # Offered versions count too: with the broadcast transport most versions are never announced as
+        # folders, and waiting for the next folder would leave both sides waiting.
+        if self.policy.newest_version() > self.last_version:
             self.served_request = None  # requests of older versions are obsolete
             self.batch_prompts = self.config.rollout.prompts_per_batch
             return True
         return self._more_wanted()
 
+    def _behind_the_offer(self) -> bool:
+        """Synchronous mode: the trainer offers a version this rollout failed to receive (``transport:
+        broadcast``). A batch now would be off-policy — dropped as stale, or trained as if on-policy — so
+        the rollout waits and tries the transfer again (PolicyFollower paces the retries); the failures
+        show in ``gd2po_rollout_weight_transfer_failures_total``."""
+        offer = self.policy.offered()
+        return offer is not None and offer.version > self.policy.version
+
     def _more_wanted(self) -> bool:
-        """Synchronous ``trainer.dynamic_sampling``: the trainer read every group at the version this
-        rollout samples and still lacks informative ones (proto.stream.want_more_groups). A request
+        """Synchronous mode: the trainer read every group at the version this rollout samples and still
+        lacks groups — informative ones under ``trainer.dynamic_sampling``, or any after groups were
+        dead-lettered or a publish failed (proto.stream.want_more_groups). A request
         stands while nothing was produced since it was made; it is served by one batch of the groups
         wanted at that same version, so the extra groups are on-policy too and the trainer reads them all
         within the step."""
-        if self.config.trainer.dynamic_sampling is None:
-            return False
         wanted = self.producer.groups_wanted()
         if (
             wanted is None

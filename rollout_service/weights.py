@@ -21,6 +21,10 @@ from rollout_service.metrics import RolloutMetrics
 log = logging.getLogger("rollout_service.weights")
 
 
+MAX_TRANSFER_PAUSES = 4
+"""Longest pause after failed transfers, in transfer timeouts (4 × the default 60 s)."""
+
+
 class WeightReloadError(RuntimeError):
     """The announced folder cannot be served; the engine keeps its current weights."""
 
@@ -42,7 +46,8 @@ class PolicyFollower:
         self.producer_id, self.transfer_timeout = producer_id, transfer_timeout
         self.version = 0
         self._refused: set[tuple[int, str]] = set()
-        self._failed_offer: int | None = None  # the offered version whose transfer failed: not retried
+        self._failures_in_a_row = 0  # failed transfers since the last one that worked
+        self._failed_store: tuple[str, int] | None = None  # where the last failed transfer was offered
         self._transfers_paused_until = 0.0  # monotonic time; folders only until then, after a failure
         metrics.policy_version.set(0)
 
@@ -58,23 +63,34 @@ class PolicyFollower:
         raw = self.client.get(self.keys.policy)
         return None if raw is None else decode(raw, PolicyAnnouncement)
 
+    def newest_version(self) -> int:
+        """The newest version the trainer has published, as a folder (announced) or only offered over a
+        process group (``transport: broadcast`` between two ``disk_every`` folders); 0 before any."""
+        published = [self.announced(), self.offered()]
+        return max((p.version for p in published if p is not None), default=0)
+
     def sync(self) -> bool:
         """Receive or reload if a newer version is offered or announced; True if the weights changed. A
-        failed transfer falls back to the newest folder; that version is not retried, and no transfer is
-        tried for ``transfer_timeout`` seconds (folders only meanwhile)."""
+        failed transfer falls back to the newest folder, and no transfer is tried for ``transfer_timeout``
+        seconds, doubling with each failure in a row up to :data:`MAX_TRANSFER_PAUSES` timeouts (folders
+        only meanwhile): a trainer that cannot be reached would otherwise cost up to the timeout before
+        every batch. The same version is tried again after the pause (a synchronous run waits for it); an
+        offer from another store address (a restarted trainer) ends the pause."""
         offer = self.offered()
+        if offer is not None and (offer.host, offer.port) != self._failed_store:
+            self._failures_in_a_row, self._transfers_paused_until = 0, 0.0  # a new trainer: no pause
         if (
             offer is not None
             and offer.version > self.version
-            and offer.version != self._failed_offer
             and time.monotonic() >= self._transfers_paused_until
         ):
             if self.receive(offer):
+                self._failures_in_a_row, self._failed_store = 0, None
                 return True
-            # Not retried for this version, and no transfer for a while: a trainer that cannot be reached
-            # would otherwise cost up to the timeout before every batch.
-            self._failed_offer = offer.version
-            self._transfers_paused_until = time.monotonic() + self.transfer_timeout
+            self._failed_store = (offer.host, offer.port)
+            self._failures_in_a_row += 1
+            pauses = min(2 ** (self._failures_in_a_row - 1), MAX_TRANSFER_PAUSES)
+            self._transfers_paused_until = time.monotonic() + pauses * self.transfer_timeout
         announcement = self.announced()
         if announcement is None or announcement.version <= self.version:
             return False
@@ -100,6 +116,7 @@ class PolicyFollower:
                 version=offer.version,
                 created_at=time.time(),
                 receivers=self.engine.tensor_parallel_size,
+                backends=self.engine.transfer_backends,
             )
             self.client.rpush(self.keys.weights_requests, encode(request))
             result = self.engine.receive(offer.host, offer.port, nonce, self.transfer_timeout)
@@ -115,8 +132,8 @@ class PolicyFollower:
         self.metrics.policy_version.set(self.version)
         self.metrics.reload_seconds.observe(seconds)
         log.info(
-            "serving policy version %d received from the trainer (%.0f MiB in %.2f s)",
-            self.version, result["bytes"] / 2**20, seconds,
+            "serving policy version %d received from the trainer over %s (%.0f MiB in %.2f s)",
+            self.version, result["backend"], result["bytes"] / 2**20, seconds,
         )  # fmt: skip
         return True
 

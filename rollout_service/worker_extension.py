@@ -14,16 +14,17 @@ the starting policy's output layer: log-probs that were not the trainer's (a 0.1
 the tiny test model). After every reload the output layer is tied to the reloaded embeddings again and its
 kernel rebuilt (:meth:`GD2POWorkerExtension._retie_output_layer`).
 
-**Transfers.** A transfer group has the trainer as rank 0 and every worker of the engine as rank 1 + its
-tensor-parallel rank (``rollout.tensor_parallel_size``; one worker without it): each worker receives every
-bucket and its in-place reload keeps its own shard of each tensor. The received buffers are checked
+**Transfers.** A transfer group (gloo, or NCCL on GPUs; proto/weight_transfer.py) has the trainer as
+rank 0 and every worker of the engine as rank 1 + its tensor-parallel rank
+(``rollout.tensor_parallel_size``; one worker without it): each worker receives every bucket and its
+in-place reload keeps its own shard of each tensor. The received buffers are checked
 against the digest before anything is loaded, then handed to the same in-place reload with the trainer's
 (Hugging Face) tensor names.
 """
 
 from __future__ import annotations
 
-from proto.weight_transfer import connect_store, open_group, read_meta, receive, unpack
+from proto.weight_transfer import close, connect_store, open_group, read_meta, receive, unpack
 
 
 class GD2POWorkerExtension:
@@ -33,19 +34,26 @@ class GD2POWorkerExtension:
         self._retie_output_layer()
 
     def gd2po_receive_weights(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
-        """Join transfer ``nonce`` at the trainer's store ``host:port``, receive and verify every bucket,
-        then reload the weights in place. Returns ``{"version", "digest", "bytes"}``. Raises
+        """Join transfer ``nonce`` at the trainer's store ``host:port`` over the group kind the trainer chose
+        (gloo into host memory, NCCL into this worker's GPU), receive and verify every bucket, then reload
+        the weights in place. Returns ``{"version", "digest", "bytes", "backend"}``. Raises
         :class:`proto.weight_transfer.WeightTransferError`; the weights are unchanged then."""
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         store = connect_store(host, port, timeout_s)
-        version, digest, buckets = read_meta(store, nonce)
+        meta = read_meta(store, nonce)
+        device = self.device if meta.backend == "nccl" else None
         workers = get_tensor_model_parallel_world_size()
-        group = open_group(store, nonce, 1 + get_tensor_model_parallel_rank(), timeout_s, size=1 + workers)
-        buffers = receive(group, buckets, digest, timeout_s)
-        self.model_runner.reload_weights(weights_iterator=unpack(buffers, buckets))
+        rank = 1 + get_tensor_model_parallel_rank()
+        group = open_group(store, nonce, rank, timeout_s, 1 + workers, meta.backend, device)
+        try:
+            buffers = receive(group, meta.buckets, meta.digest, timeout_s, device)
+        finally:
+            close(group)
+        self.model_runner.reload_weights(weights_iterator=unpack(buffers, meta.buckets))
         self._retie_output_layer()
-        return {"version": version, "digest": digest, "bytes": sum(b.numel() for b in buffers)}
+        nbytes = sum(b.numel() for b in buffers)
+        return {"version": meta.version, "digest": meta.digest, "bytes": nbytes, "backend": meta.backend}
 
     def _retie_output_layer(self) -> None:
         """With tied word embeddings, point the output layer at the reloaded embeddings and rebuild its

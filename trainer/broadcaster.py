@@ -5,8 +5,9 @@ Rank 0 hosts a ``TCPStore``. Each publish packs the weights into byte buckets (a
 on), computes their digest and announces a :class:`proto.WeightOffer` (version, digest, store address) on
 the ``weights_offer`` key. A rollout that sees a newer offer between two batches pushes a
 :class:`proto.WeightRequest`; a server thread pops requests and runs each transfer on its own thread with
-its own gloo group, always sending the newest version packed. A transfer that fails (timeout, the replica
-killed mid-way) is logged and counted; the trainer and the other transfers go on.
+its own group (gloo, or NCCL between GPUs: ``broadcast.backend``), always sending the newest version
+packed. A transfer that fails (timeout, the replica killed mid-way) is logged and counted; the trainer
+and the other transfers go on.
 
 Every ``broadcast.disk_every`` publishes (the first included, and the last at close) the folder is
 written and announced as with the disk transport, so a replica that restarts or misses transfers catches
@@ -34,9 +35,13 @@ from proto.codec import CodecError
 from proto.config import BroadcastConfig
 from proto.keys import RedisKeys
 from proto.weight_transfer import (
+    TransferMeta,
     WeightTransferError,
     buffers_digest,
+    choose_backend,
+    close,
     connect_store,
+    local_backends,
     meta_key,
     open_group,
     pack,
@@ -99,6 +104,16 @@ class BroadcastPublisher:
     ):
         self.client, self.keys, self.disk, self.config = client, keys, disk, config
         self.metrics = TransferMetrics(registry)
+        # Over NCCL the packed copy stays in host memory and each bucket is staged on this rank's GPU (the
+        # transfer threads must name it: a new thread's current CUDA device is device 0).
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        self.backends = local_backends(cuda)
+        if config.backend == "nccl" and "nccl" not in self.backends:
+            raise ValueError(
+                "trainer.publish.broadcast.backend is nccl but this trainer cannot join an NCCL group "
+                "(no CUDA device, or a torch built without NCCL); use backend: auto or gloo"
+            )
         self.store = dist.TCPStore(
             config.host, config.port, None, True, timeout=_seconds(config.timeout), wait_for_workers=False
         )
@@ -115,7 +130,7 @@ class BroadcastPublisher:
         self._transfers: set[threading.Thread] = set()
         self._server = threading.Thread(target=self._serve, name="weight-broadcast", daemon=True)
         self._server.start()
-        log.info("serving weights over gloo from %s:%d", *self.address)
+        log.info("serving weights (%s) from %s:%d", "/".join(self.backends), *self.address)
 
     def withdraw_stale_offer(self) -> None:
         """Delete the offer (one left by an earlier trainer process: read it first when resuming; or this
@@ -205,12 +220,26 @@ class BroadcastPublisher:
 
     def _transfer(self, request: WeightRequest, packed: Packed) -> None:
         started = time.perf_counter()
-        store = None
+        store = group = None
         try:
             store = connect_store(*self._local, self.config.timeout)
-            write_meta(store, request.nonce, packed.version, packed.digest, packed.buckets)
-            group = open_group(store, request.nonce, 0, self.config.timeout, size=1 + request.receivers)
-            send(group, packed.buffers, self.config.timeout)
+            try:
+                backend = choose_backend(self.config.backend, self.backends, request.backends)
+            except WeightTransferError as exc:  # the receiver learns why at once, not at its timeout
+                refused = TransferMeta(packed.version, packed.digest, [], "gloo", error=str(exc))
+                write_meta(store, request.nonce, refused)
+                store = None  # keep that metadata (bytes): the receiver may not have read it yet
+                raise
+            device = self.device if backend == "nccl" else None
+            if device is not None:
+                torch.cuda.set_device(device)
+            write_meta(
+                store, request.nonce, TransferMeta(packed.version, packed.digest, packed.buckets, backend)
+            )
+            group = open_group(
+                store, request.nonce, 0, self.config.timeout, 1 + request.receivers, backend, device
+            )
+            send(group, packed.buffers, self.config.timeout, device)
         except WeightTransferError as exc:
             self.metrics.transfers.labels("failed").inc()
             log.warning(
@@ -220,9 +249,14 @@ class BroadcastPublisher:
             seconds = time.perf_counter() - started
             self.metrics.transfers.labels("ok").inc()
             self.metrics.seconds.observe(seconds)
-            log.info("sent policy version %d to %s in %.2f s", packed.version, request.producer_id, seconds)
+            log.info(
+                "sent policy version %d to %s over %s in %.2f s",
+                packed.version, request.producer_id, backend, seconds,
+            )  # fmt: skip
         finally:
             self._transfers.discard(threading.current_thread())
+            if group is not None:
+                close(group)
             if store is not None:
                 with contextlib.suppress(RuntimeError):  # the store keeps no finished transfer's metadata
                     store.delete_key(meta_key(request.nonce))

@@ -58,20 +58,18 @@ class StepSampling:
     informative: Callable[[ScoredGroup], bool]
     read_limit: int
     """Most groups (fresh, trainable, first copies) read for one step: ceil(oversample · prompts_per_step)."""
-    starved: Starved | None = None
-    """Told when a read comes back empty while the step still lacks informative groups (a synchronous
-    run asks the rollout for more: trainer.sampling.MoreGroups)."""
 
 
 class Starved(Protocol):
-    """What waits on a dry stream under dynamic sampling (see :attr:`StepSampling.starved`)."""
+    """Told when a read comes back empty while the step still lacks groups (the ``starved`` argument of
+    :meth:`GroupConsumer.pull`; a synchronous run asks the rollout for more: trainer.sampling.MoreGroups)."""
 
     def before_read(self) -> None:
         """Called before every read that may find the stream dry (to snapshot what was produced)."""
 
     def __call__(self, groups_read: int, groups_wanted: int) -> None:
-        """The read came back empty: ``groups_read`` read this step, ``groups_wanted`` more informative
-        groups missing within the read bound."""
+        """The read came back empty: ``groups_read`` read this step, ``groups_wanted`` more (informative,
+        under dynamic sampling) groups missing within the read bound."""
 
 
 @dataclass
@@ -147,6 +145,7 @@ class GroupConsumer:
         counts: Counts,
         stop=lambda: False,
         sampling: StepSampling | None = None,
+        starved: Starved | None = None,
     ) -> Pulled:
         """Block until ``prompts`` fresh, trainable groups never trained before are in hand (or ``stop()``).
 
@@ -157,11 +156,13 @@ class GroupConsumer:
         the others are held while reading goes on, up to ``sampling.read_limit`` groups. Once the step is
         full they are acknowledged as skipped (``skipped`` ledger); when the limit comes first they fill
         the step, oldest first, and ``Pulled.informative`` says how many groups carry a signal. A stop
-        leaves them pending (delivered again to the next trainer)."""
+        leaves them pending (delivered again to the next trainer).
+
+        ``starved`` is told each time a read finds the stream dry mid-step (after looking without blocking
+        once groups were read), with what the step still lacks."""
         pulled, held = Pulled(), Pulled()
         limit = sampling.read_limit if sampling is not None else prompts
         read, dry = 0, False
-        starved = sampling.starved if sampling is not None else None
         while len(pulled.groups) < prompts and read < limit and not stop():
             wanted = min(prompts - len(pulled.groups), limit - read)
             # Whoever waits on `starved` learns at once that the stream ran dry mid-step: look without

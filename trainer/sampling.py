@@ -27,7 +27,7 @@ from proto.messages import GENERATION_SECONDS
 from proto.stream import produced_count, want_more_groups
 from trainer.algorithms import informative_groups
 from trainer.algorithms.grouping import group_normalize, make_groups
-from trainer.consumer import Starved, StepSampling
+from trainer.consumer import StepSampling
 from trainer.step import estimator_options
 
 
@@ -62,7 +62,9 @@ class InformativeRule:
 class MoreGroups:
     """A synchronous trainer's requests for more groups (proto.stream.want_more_groups): the
     ``produced`` counter is read before each read of the stream, and a read that comes back empty asks
-    for the missing groups at the trainer's current version with that snapshot."""
+    for the missing groups at the trainer's current version with that snapshot. Needed with dynamic
+    sampling (groups without signal were skipped) and without it: groups dead-lettered on the way, or a
+    publish that failed, so no new version will make the rollout generate."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, policy_version: Callable[[], int]):
         self.client, self.keys, self.policy_version = client, keys, policy_version
@@ -75,16 +77,12 @@ class MoreGroups:
         want_more_groups(self.client, self.keys, self.policy_version(), self.produced, groups_wanted)
 
 
-def step_sampling(
-    config: ExperimentConfig, rule: Callable[[ScoredGroup], bool], starved: Starved | None
-) -> StepSampling | None:
+def step_sampling(config: ExperimentConfig, rule: Callable[[ScoredGroup], bool]) -> StepSampling | None:
     """The step's sampling under ``trainer.dynamic_sampling`` (None when it is off)."""
     sampling = config.trainer.dynamic_sampling
     if sampling is None:
         return None
-    return StepSampling(
-        informative=rule, read_limit=sampling.read_limit(config.trainer.prompts_per_step), starved=starved
-    )
+    return StepSampling(informative=rule, read_limit=sampling.read_limit(config.trainer.prompts_per_step))
 
 
 def read_metrics(

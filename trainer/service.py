@@ -72,6 +72,7 @@ class Trainer:
             config, tau=lambda: self.tau_controller.tau if self.tau_controller else None
         )
         self.sampling: StepSampling | None = None  # trainer.dynamic_sampling, set once Redis is connected
+        self.starved: MoreGroups | None = None  # a synchronous run's requests for more groups, likewise
 
     # -- HTTP ---------------------------------------------------------------------------------
     def metrics_app(self, *, export: bool = True) -> FastAPI:
@@ -177,13 +178,20 @@ class Trainer:
         if rank == 0:  # after the resume read it, whatever the transport: no process serves it any more
             client.delete(self.keys.weights_offer)
         self.tau_controller = tau_controller(self.config, state.tau)
-        self.sampling = step_sampling(self.config, self.informative, self._starved(client, state))
+        self.sampling = step_sampling(self.config, self.informative)
+        self.starved = self._starved(client, state)
         journal = JsonlLog(self.run_dir / "metrics.jsonl")
         counts = Counts()
         uncommitted = Pulled()
         self.ready = True
         progress = StepProgress(self.total_steps, start=state.step) if rank == 0 else None
         try:
+            if self.config.synchronous and state.step > 0:
+                # Resumed: the restored weights are the checkpoint's, not those of the last version
+                # published (later, lost with the crash), and the rollout may not even hold that version
+                # (offered, never sent) — it would wait for a newer one while this trainer waits for
+                # groups. Publish them as a new version first: the next batch samples exactly these weights.
+                self._publish(engine, publisher, state)
             while not self._budget_spent(state) and not self.stopping.is_set():
                 step = self._one_step(engine, consumer, publisher, state, counts, uncommitted)
                 if step is None:
@@ -209,8 +217,8 @@ class Trainer:
         return state.step >= self.total_steps or (budget is not None and state.samples_read >= budget)
 
     def _starved(self, client, state: checkpoint.TrainerState) -> MoreGroups | None:
-        """What the consumer tells when a read comes back empty under dynamic sampling: a synchronous
-        run asks the rollout for a batch of the groups it still wants, at this version. Asked before the
+        """What the consumer tells when a read comes back empty mid-step: a synchronous run asks the
+        rollout for a batch of the groups it still wants, at this version. Asked before the
         new version's own batch came, the request is stale once that batch is produced
         (proto.stream.want_more_groups), so it never doubles it."""
         if not self.config.synchronous:
@@ -285,6 +293,7 @@ class Trainer:
             counts,
             self.stopping.is_set,
             self.sampling,
+            self.starved,
         )
         self.metrics.groups.labels("stale").inc(counts.stale - before[0])
         self.metrics.groups.labels("skipped").inc(counts.skipped - before[4])

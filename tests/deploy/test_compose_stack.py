@@ -461,7 +461,9 @@ def test_weights_reach_both_rollout_replicas_over_gloo_once_the_trainer_broadcas
     timeline.record("four broadcast transfers (since the trainer's recreate)", time.monotonic() - started)
     logs = stack.compose("logs", "--no-color", "rollout-cpu").stdout
     received = [
-        line for line in logs.splitlines() if "received from the trainer" in line and "policy version" in line
+        line
+        for line in logs.splitlines()
+        if "received from the trainer over gloo" in line and "policy version" in line
     ]
     for replica in (1, 2):  # compose prefixes each line with its container, e.g. `rollout-cpu-2  | …`
         mine = [line for line in received if line.startswith(f"rollout-cpu-{replica} ")]

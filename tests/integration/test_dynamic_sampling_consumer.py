@@ -90,22 +90,28 @@ def test_the_read_bound_fills_the_step_with_groups_without_signal(redis_url: str
     assert [g.group_id for g in nxt.groups] == ["sig"]  # the unread group was never touched
 
 
+class StarvedRecorder:
+    """The consumer's ``starved`` callback, recording: "look" before each read, (read, wanted) when dry."""
+
+    def __init__(self) -> None:
+        self.reads: list = []
+
+    def before_read(self) -> None:
+        self.reads.append("look")
+
+    def __call__(self, groups_read: int, groups_wanted: int) -> None:
+        self.reads.append((groups_read, groups_wanted))
+
+
 def test_a_stop_mid_step_skips_nothing_and_the_next_trainer_reads_it_all_again(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     consumer = GroupConsumer(client, KEYS, block_ms=50)
     push(client, tiny_group("flat", 0, FLAT), tiny_group("sig", 0, SIGNAL))
-    reads = []
-
-    class Recorder:
-        def before_read(self) -> None:
-            reads.append("look")
-
-        def __call__(self, groups_read: int, groups_wanted: int) -> None:
-            reads.append((groups_read, groups_wanted))
-
-    sampling = StepSampling(informative=informative, read_limit=8, starved=Recorder())
+    recorder = StarvedRecorder()
+    reads = recorder.reads
+    sampling = StepSampling(informative=informative, read_limit=8)
     stop_after_empty_read = lambda: (2, 2) in reads  # noqa: E731 - the stream ran dry: the trainer stops
-    pulled = consumer.pull(3, 0, 2, Counts(), stop_after_empty_read, sampling)
+    pulled = consumer.pull(3, 0, 2, Counts(), stop_after_empty_read, sampling, recorder)
     # Looked before each read; told when the stream ran dry: 2 read, 2 more informative wanted.
     assert reads == ["look", "look", (2, 2)]
     assert [g.group_id for g in pulled.groups] == ["sig"] and not pulled.skipped
@@ -113,6 +119,19 @@ def test_a_stop_mid_step_skips_nothing_and_the_next_trainer_reads_it_all_again(r
     restarted = GroupConsumer(client, KEYS, block_ms=50)
     taken = restarted.pull(2, 0, 2, Counts())
     assert [g.group_id for g in taken.groups] == ["flat", "sig"]
+
+
+def test_without_sampling_a_stream_dry_mid_step_is_told_too(redis_url: str) -> None:
+    """A synchronous trainer without dynamic sampling may be short too (groups dead-lettered, a failed
+    publish): it is told what the step lacks, as with sampling."""
+    client = redis.Redis.from_url(redis_url)
+    consumer = GroupConsumer(client, KEYS, block_ms=50)
+    push(client, tiny_group("sig", 0, SIGNAL))
+    recorder = StarvedRecorder()
+    reads = recorder.reads
+    pulled = consumer.pull(3, 0, 2, Counts(), lambda: (1, 2) in reads, None, recorder)
+    assert reads == ["look", "look", (1, 2)]  # 1 read, 2 more wanted
+    assert [g.group_id for g in pulled.groups] == ["sig"]
 
 
 def test_without_sampling_a_group_without_signal_trains_as_before(redis_url: str) -> None:

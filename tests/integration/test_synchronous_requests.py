@@ -1,6 +1,6 @@
-"""The synchronous rollout's side of informative batches, against a real Redis: when it generates
-(``RolloutLoop._may_generate``) given the trainer's announcements and its requests for more groups
-(proto.stream.want_more_groups). The whole loop runs in tests/e2e/test_dynamic_sampling.py; here each
+"""The synchronous rollout's side, against a real Redis: when it generates (``RolloutLoop._may_generate``)
+given the trainer's announcements, its offers (``transport: broadcast``) and its requests for more groups
+(proto.stream.want_more_groups), with and without dynamic sampling. The whole loop runs in tests/e2e/test_dynamic_sampling.py; here each
 transition is checked, including the one that deadlocked a review's simulation: a served batch that was
 dead-lettered whole must not leave the trainer's next request looking served."""
 
@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from proto import PolicyAnnouncement, encode
+from proto import PolicyAnnouncement, WeightOffer, encode
 from proto.config import ExperimentConfig
 from proto.keys import RedisKeys
 from proto.stream import want_more_groups
@@ -36,15 +36,29 @@ def announce(client: redis.Redis, version: int) -> None:
     client.set(KEYS.policy, encode(announcement))
 
 
-@pytest.fixture
-def loop(redis_url: str) -> tuple[RolloutLoop, redis.Redis]:
+def offer(client: redis.Redis, version: int) -> None:
+    """The broadcast transport's offer of ``version`` (no folder announced for it)."""
+    offered = WeightOffer(
+        version=version,
+        digest="blake3:" + "0" * 64,
+        step=version,
+        host="127.0.0.1",
+        port=1,
+        created_at=time.time(),
+    )
+    client.set(KEYS.weights_offer, encode(offered))
+
+
+@pytest.fixture(params=["dynamic sampling", "plain"])
+def loop(request, redis_url: str) -> tuple[RolloutLoop, redis.Redis]:
+    """A synchronous rollout that generated its batch of version 3, with and without dynamic sampling:
+    requests for more groups are served alike (the trainer may be short for other reasons)."""
     client = redis.Redis.from_url(redis_url)
+    trainer = {"prompts_per_step": PER_BATCH}
+    if request.param == "dynamic sampling":
+        trainer["dynamic_sampling"] = {"oversample": 2}
     config = ExperimentConfig.model_validate(
-        {
-            "synchronous": True,
-            "rollout": {"prompts_per_batch": PER_BATCH},
-            "trainer": {"prompts_per_step": PER_BATCH, "dynamic_sampling": {"oversample": 2}},
-        }
+        {"synchronous": True, "rollout": {"prompts_per_batch": PER_BATCH}, "trainer": trainer}
     )
     metrics = RolloutMetrics()
     follower = PolicyFollower(None, client, KEYS, metrics)
@@ -94,3 +108,31 @@ def test_a_request_is_not_served_while_groups_it_did_not_count_wait(loop) -> Non
     client.incrby(KEYS.produced, 3)  # a served batch lands right after the trainer's empty read
     want_more_groups(client, KEYS, policy_version=3, produced=before_read, groups=3)
     assert not rollout._may_generate(0)  # even once the trainer has read them (lag 0)
+
+
+def test_a_version_only_offered_over_a_process_group_is_a_new_version(loop) -> None:
+    """``transport: broadcast`` announces a folder every ``disk_every`` versions only: the rollout must not
+    wait for the next folder (the trainer waits for groups meanwhile: a deadlock)."""
+    rollout, client = loop
+    assert not rollout._may_generate(0)
+    offer(client, 4)
+    assert rollout._may_generate(0) and rollout.batch_prompts == PER_BATCH
+
+
+def test_a_rollout_that_could_not_receive_the_offered_version_does_not_sample_off_policy(loop) -> None:
+    """Its transfer of version 4 failed (it serves 3): the new version makes it sync — try the transfer
+    again — but it generates nothing until it serves 4, so the trainer at 4 never gets groups of 3."""
+    rollout, client = loop
+    rollout.policy.version = 3
+    offer(client, 4)
+    assert rollout._may_generate(0) and rollout._behind_the_offer()
+    rollout.policy.version = 4  # received at a later try
+    assert not rollout._behind_the_offer()
+
+
+def test_a_trainer_whose_publish_failed_gets_its_next_batch_at_the_same_version(loop) -> None:
+    """No new version comes after a failed publish: the trainer, short a whole step at version 3, asks."""
+    rollout, client = loop
+    assert not rollout._may_generate(0)
+    want_more_groups(client, KEYS, policy_version=3, produced=produced(client), groups=PER_BATCH)
+    assert rollout._may_generate(0) and rollout.batch_prompts == PER_BATCH

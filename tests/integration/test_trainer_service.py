@@ -287,3 +287,37 @@ def test_a_failed_background_publish_ends_the_trainer(
         Trainer(config).run()
 
     assert [s["publish_failures_total"] for s in read_steps(config.run.output_dir)] == [0]
+
+
+def test_a_resumed_synchronous_trainer_first_publishes_the_weights_it_restored(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    """A synchronous trainer that resumes publishes its restored (checkpoint) weights as a new version
+    before reading: the last version published before the crash may hold later weights, or never have
+    reached the rollout (offered, not sent) — which then waits for a newer version while the trainer waits
+    for groups. The first batch after the restart is sampled from exactly the weights trained on."""
+    push(redis_url, generate_groups(tiny_model_dir, 2, seed=5))
+
+    def synchronous(total_steps: int) -> ExperimentConfig:
+        config = experiment(tmp_path, tiny_model_dir, redis_url, 0, total_steps=total_steps)
+        data = config.model_dump()
+        data["synchronous"] = True
+        data["rollout"]["prompts_per_batch"] = 2
+        data["trainer"]["checkpoint"]["every"] = 1
+        return ExperimentConfig.model_validate(data)
+
+    assert Trainer(synchronous(1)).run().policy_version == 1
+    push(redis_url, generate_groups(tiny_model_dir, 2, seed=6))
+    client = redis.Redis.from_url(redis_url)
+    events = client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(RedisKeys().events)
+    events.get_message(timeout=1.0)
+
+    state = Trainer(synchronous(2), resume=True).run()
+
+    announced = []
+    while (message := events.get_message(timeout=0.5)) is not None:
+        announced.append(decode(message["data"], PolicyAnnouncement))
+    # Version 2 at the resume (the checkpoint of step 1), then version 3 after step 2.
+    assert [(a.version, a.step) for a in announced] == [(2, 1), (3, 2)]
+    assert read_steps(tmp_path / "run")[-1]["policy_version"] == state.policy_version == 3

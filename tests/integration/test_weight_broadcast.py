@@ -28,13 +28,17 @@ from proto import PolicyAnnouncement, WeightOffer, WeightRequest, decode, encode
 from proto.config import BroadcastConfig, ModelConfig
 from proto.keys import RedisKeys
 from proto.weight_transfer import (
+    TransferMeta,
     WeightTransferError,
     bucket_nbytes,
     buffers_digest,
     connect_store,
     open_group,
+    pack,
+    plan_buckets,
     read_meta,
     receive,
+    write_meta,
 )
 from rollout_service.engine import Engine, Sampling
 from rollout_service.metrics import RolloutMetrics
@@ -156,7 +160,7 @@ def test_broadcast_serves_the_trainers_weights_and_falls_back_to_folders(
         )
         assert restarted.sync() and restarted.version == 5
         assert restarted_registry.get_sample_value("gd2po_rollout_weight_transfer_failures_total") == 1
-        assert not restarted.sync()  # the failed offer is not retried at every batch
+        assert not restarted.sync()  # the failed offer is not retried at every batch (paused a timeout)
     finally:
         publisher.close()
         client.close()
@@ -226,7 +230,7 @@ def receive_one_bucket_then_die(client: redis.Redis, publisher: BroadcastPublish
     request = WeightRequest(producer_id="doomed", nonce=nonce, version=3, created_at=time.time())
     client.rpush(KEYS.weights_requests, encode(request))
     store = connect_store(*publisher.address, TIMEOUT_S)
-    _, _, buckets = read_meta(store, nonce)
+    buckets = read_meta(store, nonce).buckets
     group = open_group(store, nonce, 1, TIMEOUT_S)
     first = torch.empty(bucket_nbytes(buckets[0]), dtype=torch.uint8)
     group.broadcast(first, 0, datetime.timedelta(seconds=TIMEOUT_S)).wait()
@@ -268,17 +272,73 @@ def test_a_dead_replica_and_bad_requests_never_hold_up_a_live_replica(
         client.rpush(KEYS.weights_requests, encode(dead))
 
         asked = time.monotonic()
-        live = WeightRequest(producer_id="live", nonce="a1ee" * 8, version=1, created_at=time.time())
+        # This replica could join NCCL too; the trainer has no GPU, so `auto` picks gloo (and says so).
+        live = WeightRequest(
+            producer_id="live", nonce="a1ee" * 8, version=1, created_at=time.time(), backends=["nccl", "gloo"]
+        )
         client.rpush(KEYS.weights_requests, encode(live))
         store = connect_store(*publisher.address, TIMEOUT_S)
-        version, digest, buckets = read_meta(store, live.nonce)
-        buffers = receive(open_group(store, live.nonce, 1, TIMEOUT_S), buckets, digest, TIMEOUT_S)
+        meta = read_meta(store, live.nonce)
+        assert meta.backend == "gloo"
+        buffers = receive(open_group(store, live.nonce, 1, TIMEOUT_S), meta.buckets, meta.digest, TIMEOUT_S)
         assert time.monotonic() - asked < TIMEOUT_S / 2, "the live replica waited for the dead one"
-        assert version == 1 and buffers_digest(buffers) == digest
+        assert meta.version == 1 and buffers_digest(buffers) == meta.digest
         wait_for(
             lambda: registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "failed"})
         )
         assert registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "ok"}) == 1
     finally:
         publisher.close()
+        client.close()
+
+
+def test_nccl_where_it_cannot_run_is_refused_by_name_and_loses_nothing(
+    engine: Engine, tiny_model_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """No GPU here: a trainer configured for NCCL refuses to start, naming the key; a trainer on `nccl`
+    facing a replica that offers only gloo refuses that transfer and tells the replica why; and an engine
+    told to join an NCCL group refuses with the reason and serves its weights unchanged."""
+    client = redis.Redis.from_url(redis_url)
+    disk = WeightPublisher(client, KEYS, tmp_path / "weights", tiny_model_dir, keep_last=1)
+    try:
+        with pytest.raises(ValueError, match="backend is nccl but this trainer cannot join an NCCL group"):
+            BroadcastPublisher(client, KEYS, disk, BroadcastConfig(backend="nccl"), CollectorRegistry())
+
+        # A GPU trainer on `nccl` (its own capability forced: there is no GPU here) and a replica that
+        # offers only gloo: the transfer is refused, and the replica learns why at once, not at its timeout.
+        registry = CollectorRegistry()
+        publisher = BroadcastPublisher(client, KEYS, disk, BroadcastConfig(timeout=TIMEOUT_S), registry)
+        try:
+            publisher.config = publisher.config.model_copy(update={"backend": "nccl"})
+            publisher.backends = ["nccl", "gloo"]
+            model, state = perturbed_policy(tiny_model_dir, seed=11)
+            publisher.publish(model, state, version=1, step=1)
+            request = WeightRequest(producer_id="cpu", nonce="c0de" * 8, version=1, created_at=time.time())
+            client.rpush(KEYS.weights_requests, encode(request))
+            asked = time.monotonic()
+            with pytest.raises(
+                WeightTransferError, match="refused .* the rollout engine cannot join an NCCL"
+            ):
+                read_meta(connect_store(*publisher.address, TIMEOUT_S), request.nonce)
+            assert time.monotonic() - asked < TIMEOUT_S / 2
+            wait_for(
+                lambda: (
+                    registry.get_sample_value("gd2po_trainer_weight_transfers_total", {"outcome": "failed"})
+                    == 1
+                )
+            )
+        finally:
+            publisher.close()
+
+        before = served_parameters(engine)
+        store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+        nonce = "0cc1" * 8
+        state = {"model.embed_tokens.weight": torch.zeros(4, 4)}
+        buckets = plan_buckets(state, 1 << 20)
+        write_meta(store, nonce, TransferMeta(9, buffers_digest(pack(state, buckets)), buckets, "nccl"))
+        with pytest.raises(Exception, match="over NCCL but this process's torch has no NCCL"):
+            engine.receive("127.0.0.1", store.port, nonce, TIMEOUT_S)
+        after = served_parameters(engine)
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    finally:
         client.close()
