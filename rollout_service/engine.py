@@ -168,8 +168,9 @@ class Engine:
     def receive(self, host: str, port: int, nonce: str, timeout_s: float) -> dict:
         """Receive a policy over the trainer's process group and load it in place (the worker extension
         :class:`rollout_service.worker_extension.GD2POWorkerExtension`). Returns ``{"version", "digest",
-        "bytes", "backend"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights unchanged, and
-        ValueError when the engine serves adapters (a whole model must not replace the adapters' base)."""
+        "bytes", "backend"}``; raises :class:`proto.weight_transfer.WeightTransferError` with the weights
+        unchanged, and ValueError when the engine serves adapters (a whole model must not replace the
+        adapters' base)."""
         if self.serves_adapters:
             raise ValueError(
                 "this engine serves adapters on its base model; whole-model transfers are refused"

@@ -1,8 +1,9 @@
 """The synchronous rollout's side, against a real Redis: when it generates (``RolloutLoop._may_generate``)
 given the trainer's announcements, its offers (``transport: broadcast``) and its requests for more groups
-(proto.stream.want_more_groups), with and without dynamic sampling. The whole loop runs in tests/e2e/test_dynamic_sampling.py; here each
-transition is checked, including the one that deadlocked a review's simulation: a served batch that was
-dead-lettered whole must not leave the trainer's next request looking served."""
+(proto.stream.want_more_groups), with and without dynamic sampling. The whole loop runs in
+tests/e2e/test_dynamic_sampling.py and tests/e2e/test_synchronous_broadcast.py; here each transition is
+checked, including the one that deadlocked a review's simulation: a served batch that was dead-lettered
+whole must not leave the trainer's next request looking served."""
 
 from __future__ import annotations
 
