@@ -8,7 +8,7 @@ collects ``tests/``, leaves it out. Run it with ``-s`` to see its phases as they
 
 Environment:
   GD2PO_DEPLOY_KEEP_CACHE=0  remove the engine's data root (images, build cache) at the end; by default
-                             it stays in .cache/deploy-test/docker (~9 GB), so the next run rebuilds only
+                             it stays in .cache/deploy-test/docker (~6 GB), so the next run rebuilds only
                              what changed (1–2 min after a source change). Containers, volumes and
                              networks never stay.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,10 +67,20 @@ def timeline(run_dir: Path) -> Iterator[Timeline]:
     timeline.note(f"timings: {json.dumps(timeline.timings)}")
 
 
+def note_free_disk(timeline: Timeline, when: str) -> None:
+    """Record the free space where the engine keeps its data (a cold build needs ~5 GB there; a CI run
+    once failed with "no space left on device" mid-build, and this says how close a run came)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    free = round(shutil.disk_usage(CACHE).free / 1e9, 1)
+    timeline.timings[f"free disk {when} (GB)"] = free
+    timeline.note(f"free disk at {CACHE} {when}: {free} GB")
+
+
 @pytest.fixture(scope="session")
 def engine(run_dir: Path, timeline: Timeline) -> Iterator[DockerEngine]:
     if os.geteuid() != 0:
         pytest.fail("the deploy test starts dockerd and must run as root", pytrace=False)
+    note_free_disk(timeline, "before the images")
     engine = DockerEngine(data_root=CACHE / "docker", state=STATE, log_path=run_dir / "dockerd.log")
     leftover = engine.stop_leftover()
     if leftover:
@@ -113,6 +124,7 @@ def images(engine: DockerEngine, run_dir: Path, timeline: Timeline) -> None:
             timeline.timings[f"images: {name}"] = float(seconds)
         else:
             timeline.timings["gd2po:cpu size (GB)"] = round(int(seconds) / 1e9, 2)
+    note_free_disk(timeline, "after the images")
 
 
 def _prometheus_config(run_dir: Path) -> Path:

@@ -23,7 +23,7 @@ def test_hadolint_is_clean(dockerfile: str) -> None:
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_image_runs_as_non_root_with_healthcheck(dockerfile: str) -> None:
     text = (DOCKER / dockerfile).read_text()
-    runtime = text.split(" AS runtime", 1)[1]  # multi-stage: the final stage is what ships
+    runtime = text.rsplit("\nFROM ", 1)[1]  # the last stage is what ships
     assert "\nUSER 10001:10001" in runtime
     assert "HEALTHCHECK" in runtime and 'ENTRYPOINT ["gd2po-entrypoint"]' in runtime
 
