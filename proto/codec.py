@@ -1,4 +1,4 @@
-"""msgpack codec with a schema-version envelope: ``{"v": "2.1", "type": "ScoredGroup", "body": {...}}``.
+"""msgpack codec with a schema-version envelope: ``{"v": "2.2", "type": "ScoredGroup", "body": {...}}``.
 
 Only msgpack (never pickle) crosses the wire. A reader refuses a message whose major version it does
 not know, with an error that says which versions are involved, instead of misreading it.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Mapping
+from typing import Literal
 
 import msgpack
 import redis
@@ -31,8 +32,26 @@ def add_dead_letter(pipe: redis.client.Pipeline, keys: RedisKeys, letter: DeadLe
 
 def untrainable(group: ScoredGroup, reason: str, *, source: str, entry_id: str | None = None) -> DeadLetter:
     """The whole of a decoded group that cannot be trained, with the reason."""
+    return _whole_group("untrainable", group, reason, source=source, entry_id=entry_id)
+
+
+def crashed_trainer(
+    group: ScoredGroup, reason: str, *, source: str, entry_id: str | None = None
+) -> DeadLetter:
+    """The whole of a group that was in a step the trainer died in too many times, with the reason."""
+    return _whole_group("crashed_trainer", group, reason, source=source, entry_id=entry_id)
+
+
+def _whole_group(
+    kind: Literal["untrainable", "crashed_trainer"],
+    group: ScoredGroup,
+    reason: str,
+    *,
+    source: str,
+    entry_id: str | None,
+) -> DeadLetter:
     return DeadLetter(
-        kind="untrainable",
+        kind=kind,
         reason=reason,
         source=source,
         dead_at=time.time(),

@@ -76,6 +76,18 @@ class RedisKeys:
         return f"{self.namespace}:dead"
 
     @property
+    def in_step(self) -> str:
+        """Set of the group ids the trainer is learning on: written before a step's update and deleted
+        after it, so it is found set only when the trainer died mid-step (trainer.consumer)."""
+        return f"{self.namespace}:in_step"
+
+    @property
+    def step_crashes(self) -> str:
+        """Hash group id → how many steps holding it the trainer died in; the trainer dead-letters a group
+        at ``trainer.max_crashes_per_group`` (kind ``crashed_trainer``) so it cannot crash every restart."""
+        return f"{self.namespace}:step_crashes"
+
+    @property
     def published(self) -> str:
         """Set of group ids a rollout added to the groups stream: each is added (and counted in
         ``produced``) once, even when a lost reply makes the rollout's Redis client send the call again."""

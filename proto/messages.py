@@ -226,12 +226,16 @@ class DeadLetter(_WireModel):
     * ``undecodable`` (trainer): stream entry bytes that are not a ScoredGroup this reader accepts
       (garbage, another schema major version, a non-finite reward). ``raw`` keeps the bytes; the group
       fields are filled as far as they could be read.
+    * ``crashed_trainer`` (trainer, schema 2.2): a group in a step the trainer died while training
+      ``trainer.max_crashes_per_group`` times (killed, out of memory, an error); left pending, it would
+      crash every restart. Every group of such a step gets the count — which one caused it is not known —
+      so every one is kept here whole.
 
     The fields of the group are those of :class:`ScoredGroup`, each present as far as it is known.
     Schema 2.0 records (all reward failures, ``partial_rewards`` for ``rewards``) still validate.
     """
 
-    kind: Literal["reward_failed", "untrainable", "undecodable"] = Field(
+    kind: Literal["reward_failed", "untrainable", "undecodable", "crashed_trainer"] = Field(
         default="reward_failed", description="Why it was dead-lettered (2.0 records are reward failures)."
     )
     reason: str = Field(min_length=1, description="What went wrong, in words.")
@@ -268,8 +272,8 @@ class DeadLetter(_WireModel):
     def _complete_for_its_kind(self) -> DeadLetter:
         if self.kind == "reward_failed" and not (self.group_id and self.failed_rewards):
             raise ValueError("a reward_failed dead letter needs group_id and failed_rewards")
-        if self.kind == "untrainable" and not (self.group_id and self.completions):
-            raise ValueError("an untrainable dead letter keeps the group: group_id and completions")
+        if self.kind in ("untrainable", "crashed_trainer") and not (self.group_id and self.completions):
+            raise ValueError(f"a {self.kind} dead letter keeps the group: group_id and completions")
         if self.kind == "undecodable" and self.raw is None:
             raise ValueError("an undecodable dead letter keeps the bytes in raw")
         return self

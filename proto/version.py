@@ -5,6 +5,7 @@ major version when an older reader would misread a message. Readers refuse unkno
 """
 
 # 2.0: PolicyAnnouncement.sha256 → digest (BLAKE3). 2.1: one DeadLetter for every producer (kind, source,
-# raw bytes of undecodable entries; group fields optional; partial_rewards read as rewards).
-SCHEMA_VERSION = "2.1"
+# raw bytes of undecodable entries; group fields optional; partial_rewards read as rewards). 2.2: DeadLetter
+# kind crashed_trainer; WeightRequest backends and receivers (optional, with defaults).
+SCHEMA_VERSION = "2.2"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])

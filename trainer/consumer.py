@@ -18,6 +18,10 @@
   with the ledger update (one MULTI/EXEC), so a crash before that redelivers them.
 * On start the trainer claims every pending entry of its consumer group (XAUTOCLAIM), whichever
   consumer name read it before, and serves those before new ones.
+* No crash loop on a group that kills the trainer: a step's group ids are in the ``in_step`` set while
+  the trainer learns on them (:meth:`begin_step` … :meth:`end_step`). A trainer that starts and finds the
+  set left behind counts one crash for each of those groups (``step_crashes``) and, at ``max_crashes``,
+  dead-letters them (kind ``crashed_trainer``) instead of training them again.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Protocol
 import redis
 
 from proto import ScoredGroup, decode
-from proto.deadletter import add_dead_letter, undecodable, untrainable
+from proto.deadletter import add_dead_letter, crashed_trainer, undecodable, untrainable
 from proto.keys import RedisKeys
 from proto.stream import MESSAGE_FIELD, QueueState, ensure_consumer_group, entry_message, queue_state
 from trainer.batching import GroupRules
@@ -83,11 +87,14 @@ class Counts:
     duplicate: int = 0
     undecodable: int = 0
     untrainable: int = 0
+    crashed_trainer: int = 0
     staleness: list[int] = field(default_factory=list)
 
 
 class GroupConsumer:
-    """``rules``: what a group must satisfy to be trained (None accepts every decoded group)."""
+    """``rules``: what a group must satisfy to be trained (None accepts every decoded group).
+    ``max_crashes``: trainer deaths mid-step a group survives before it is dead-lettered
+    (``trainer.max_crashes_per_group``; None: never)."""
 
     def __init__(
         self,
@@ -96,12 +103,50 @@ class GroupConsumer:
         consumer: str = "trainer-0",
         block_ms: int = 500,
         rules: GroupRules | None = None,
+        max_crashes: int | None = None,
     ):
         self.client, self.keys, self.consumer, self.block_ms = client, keys, consumer, block_ms
-        self.rules = rules
+        self.rules, self.max_crashes = rules, max_crashes
         self._in_flight: set[str] = set()  # pulled, not yet committed
         ensure_consumer_group(client, keys)
+        self._crashes: dict[str, int] = self._count_crash()
         self._claimed: list[tuple[bytes, dict]] = self._claim_pending()
+
+    def _count_crash(self) -> dict[str, int]:
+        """If the last trainer died mid-step (``in_step`` left set), count one crash for each group of
+        that step, clearing the set in the same MULTI/EXEC (a death during this counts nothing twice).
+        Returns every group's crash count."""
+        held = self.client.smembers(self.keys.in_step)
+        if held:
+            pipe = self.client.pipeline(transaction=True)
+            for group_id in held:
+                pipe.hincrby(self.keys.step_crashes, group_id, 1)
+            pipe.delete(self.keys.in_step)
+            pipe.execute()
+            log.warning(
+                "the last trainer died while learning on a step of %d group(s): one crash counted for each",
+                len(held),
+            )
+        return {
+            key.decode(): int(value) for key, value in self.client.hgetall(self.keys.step_crashes).items()
+        }
+
+    def begin_step(self, groups: list[ScoredGroup]) -> None:
+        """Name the groups the trainer is about to learn on (``in_step``), before the update."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.in_step)
+        pipe.sadd(self.keys.in_step, *(g.group_id for g in groups))
+        pipe.execute()
+
+    def end_step(self) -> None:
+        """The update of the groups named by :meth:`begin_step` is done: the trainer did not die in it."""
+        self.client.delete(self.keys.in_step)
+
+    def _forget_crashes(self, pipe: redis.client.Pipeline, group_ids: list[str]) -> None:
+        """Queue dropping the crash counts of groups that are now settled (trained, stale, skipped, dead)."""
+        counted = [group_id for group_id in group_ids if self._crashes.pop(group_id, None) is not None]
+        if counted:
+            pipe.hdel(self.keys.step_crashes, *counted)
 
     def _claim_pending(self) -> list[tuple[bytes, dict]]:
         """Entries delivered before a restart but never acknowledged, oldest first."""
@@ -219,6 +264,7 @@ class GroupConsumer:
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(ledger, *group_ids)
         pipe.xack(self.keys.groups, self.keys.trainer_group, *entry_ids)
+        self._forget_crashes(pipe, group_ids)
         pipe.execute()
 
     def _admit(
@@ -249,15 +295,23 @@ class GroupConsumer:
             reason = self.rules.violation(group)
             if reason is not None:
                 letter = untrainable(group, reason, source=SOURCE, entry_id=entry)
+        crashes = self._crashes.get(group_id, 0) if group is not None else 0
+        if letter is None and self.max_crashes is not None and crashes >= self.max_crashes:
+            reason = (
+                f"the trainer died {crashes} times while learning on a step that held this group "
+                f"(trainer.max_crashes_per_group: {self.max_crashes}); every group of that step was "
+                "counted, as which one caused it is not known"
+            )
+            letter = crashed_trainer(group, reason, source=SOURCE, entry_id=entry)
         if letter is not None:
-            if group is None:
-                counts.undecodable += 1
-            else:
-                counts.untrainable += 1
+            # Counts has a field for each kind the trainer writes (undecodable, untrainable, crashed_trainer).
+            setattr(counts, letter.kind, getattr(counts, letter.kind) + 1)
             log.error("dead-lettered entry %s (group %s): %s", entry, group_id, letter.reason)
             pipe = self.client.pipeline(transaction=True)
             add_dead_letter(pipe, self.keys, letter)
             pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
+            if group_id is not None:
+                self._forget_crashes(pipe, [group_id])
             pipe.execute()
             return None
         if current_version - group.policy_version > max_staleness:

@@ -20,10 +20,11 @@ PHASES = ("wait", "advantages", "conflict_map", "forward_backward", "optimizer",
 record): waiting for groups (the pull), advantages, the per-source conflict map (0 when
 ``trainer.conflict_map_sources`` is 0), forward+backward and optimizer steps (the learning), weight
 publishing."""
-GROUP_OUTCOMES = ("trained", "stale", "skipped", "duplicate", "untrainable", "undecodable")
+GROUP_OUTCOMES = ("trained", "stale", "skipped", "duplicate", "untrainable", "undecodable", "crashed_trainer")
 """Where each group pulled from the stream ends (``gd2po_trainer_groups_total{outcome}``): trained, dropped
 as too stale, skipped without signal (``trainer.dynamic_sampling``), skipped as a second copy, or
-dead-lettered because it cannot be trained or does not decode."""
+dead-lettered because it cannot be trained, does not decode, or was in a step the trainer died in
+``trainer.max_crashes_per_group`` times."""
 PRODUCER_LABELS = 16
 """Rollout replicas (producer ids) that keep their own label; later ones count as ``other``. ``gd2po up``
 names replicas rollout-0, rollout-1, …; unnamed replicas (compose, Helm) get a new random name per process

@@ -144,7 +144,9 @@ class Trainer:
         consumer = None
         if rank == 0:
             rules = GroupRules.for_model(self.config.reward_names, engine.module)
-            consumer = GroupConsumer(client, self.keys, rules=rules)
+            consumer = GroupConsumer(
+                client, self.keys, rules=rules, max_crashes=self.config.trainer.max_crashes_per_group
+            )
         publisher = WeightPublisher(
             client,
             self.keys,
@@ -270,7 +272,11 @@ class Trainer:
             return None  # stopping
         if self.sampling is None:  # counted at the τ this step trains with (_learn moves an adaptive τ)
             pulled.informative = sum(map(self.informative, groups))
+        if consumer is not None:  # dying before end_step counts a crash for each of these groups
+            consumer.begin_step(groups)
         batch, estimate, record = self._learn(engine, groups, state, timer)
+        if consumer is not None:
+            consumer.end_step()
         state.step += 1
         with timer.phase("publish"):
             self._publish(engine, publisher, state)
@@ -285,7 +291,14 @@ class Trainer:
         if consumer is None:
             return Pulled()
         trainer = self.config.trainer
-        before = (counts.stale, counts.duplicate, counts.untrainable, counts.undecodable, counts.skipped)
+        before = (
+            counts.stale,
+            counts.duplicate,
+            counts.untrainable,
+            counts.undecodable,
+            counts.skipped,
+            counts.crashed_trainer,
+        )
         pulled = consumer.pull(
             trainer.prompts_per_step,
             state.policy_version,
@@ -302,6 +315,7 @@ class Trainer:
         self.metrics.groups.labels("duplicate").inc(counts.duplicate - before[1])
         self.metrics.groups.labels("untrainable").inc(counts.untrainable - before[2])
         self.metrics.groups.labels("undecodable").inc(counts.undecodable - before[3])
+        self.metrics.groups.labels("crashed_trainer").inc(counts.crashed_trainer - before[5])
         return pulled
 
     def _learn(
@@ -433,6 +447,7 @@ class Trainer:
                 "duplicates_total": counts.duplicate,
                 "untrainable_total": counts.untrainable,
                 "undecodable_total": counts.undecodable,
+                "crashed_trainer_total": counts.crashed_trainer,
                 "publish_failures_total": self.publish_failures_total,  # by this trainer process
                 "last_step_timestamp_seconds": time.time(),
             }

@@ -1,6 +1,7 @@
 """The trainer's Redis consumer against a real server: staleness drops, duplicate skips (ledger, same
 pull, same checkpoint window), groups that cannot be trained and undecodable entries dead-lettered in
-the one DeadLetter shape and acknowledged, and pending entries reclaimed after a restart."""
+the one DeadLetter shape and acknowledged, pending entries reclaimed after a restart, and the groups of a
+step the trainer keeps dying in dead-lettered at ``trainer.max_crashes_per_group``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from proto.deadletter import raw_bytes, read_dead_letters
 from proto.keys import RedisKeys
 from proto.stream import entry_fields
 from trainer.batching import GroupRules
-from trainer.consumer import Counts, GroupConsumer
+from trainer.consumer import Counts, GroupConsumer, Pulled
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -195,3 +196,70 @@ def test_every_producer_writes_one_dead_letter_shape(redis_url: str) -> None:
     assert legacy.kind == new.kind == "undecodable"
     assert raw_bytes(legacy) == b"\x93old" and legacy.reason == "not a msgpack message"
     assert base64.b64decode(new.raw) == b"\xc1"
+
+
+def test_a_step_the_trainer_keeps_dying_in_is_dead_lettered_at_max_crashes(redis_url: str) -> None:
+    """The trainer dies while learning on g1, g2 (out of memory, an error, SIGKILL: no end_step, no
+    commit) three times. Right: the first two restarts deliver them again; the third dead-letters both
+    (kind crashed_trainer, whole, with the count in the reason), acknowledged, crash counts cleared, and
+    training goes on with g3, g4. A stop after the update (end_step, no commit) counts nothing."""
+    client = redis.Redis.from_url(redis_url)
+    for name in ("g1", "g2", "g3", "g4"):
+        client.xadd(KEYS.groups, entry_fields(encode(group(name, 0))))
+
+    def start(counts: Counts) -> tuple[GroupConsumer, Pulled]:
+        consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=3)
+        return consumer, consumer.pull(2, current_version=0, max_staleness=1, counts=counts)
+
+    for crash in (1, 2, 3):
+        counts = Counts()
+        consumer, pulled = start(counts)
+        assert [g.group_id for g in pulled.groups] == ["g1", "g2"] and counts.crashed_trainer == 0
+        consumer.begin_step(pulled.groups)  # then the trainer dies mid-step
+        assert client.smembers(KEYS.in_step) == {b"g1", b"g2"}
+        if crash == 2:  # a trainer that starts and stops without a step adds nothing
+            GroupConsumer(client, KEYS, block_ms=50, max_crashes=3)
+            assert client.hgetall(KEYS.step_crashes) == {b"g1": b"2", b"g2": b"2"}
+
+    counts = Counts()
+    consumer, pulled = start(counts)
+    assert [g.group_id for g in pulled.groups] == ["g3", "g4"] and counts.crashed_trainer == 2
+    letters = {letter.group_id: letter for _, letter in read_dead_letters(client, KEYS)}
+    assert set(letters) == {"g1", "g2"}
+    assert all(
+        x.kind == "crashed_trainer" and x.completions and x.source == "trainer" for x in letters.values()
+    )
+    assert "died 3 times" in letters["g1"].reason and "max_crashes_per_group: 3" in letters["g1"].reason
+    assert client.smembers(KEYS.dead) == {b"g1", b"g2"}
+    assert client.hgetall(KEYS.step_crashes) == {}  # settled groups keep no count
+    assert not client.exists(KEYS.in_step)
+    consumer.begin_step(pulled.groups)
+    consumer.end_step()  # the update finished; the trainer stops before its commit
+
+    counts = Counts()
+    consumer, pulled = start(counts)
+    assert [g.group_id for g in pulled.groups] == ["g3", "g4"]  # redelivered, no crash counted
+    assert counts.crashed_trainer == 0 and client.hgetall(KEYS.step_crashes) == {}
+    consumer.commit(pulled)
+    assert client.smembers(KEYS.trained) == {b"g3", b"g4"} and pending(client) == 0
+
+
+def test_a_crash_count_below_the_limit_is_dropped_once_the_group_is_trained(redis_url: str) -> None:
+    """One death mid-step, then the groups train: their counts go, so a later crash starts from zero.
+    With ``max_crashes=None`` no count ever dead-letters a group."""
+    client = redis.Redis.from_url(redis_url)
+    for name in ("g1", "g2"):
+        client.xadd(KEYS.groups, entry_fields(encode(group(name, 0))))
+    for _ in range(4):
+        consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=None)
+        pulled = consumer.pull(2, current_version=0, max_staleness=1, counts=Counts())
+        assert [g.group_id for g in pulled.groups] == ["g1", "g2"]
+        consumer.begin_step(pulled.groups)
+    consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=5)
+    assert client.hgetall(KEYS.step_crashes) == {b"g1": b"4", b"g2": b"4"}
+    pulled = consumer.pull(2, current_version=0, max_staleness=1, counts=Counts())
+    consumer.begin_step(pulled.groups)
+    consumer.end_step()
+    consumer.commit(pulled)
+    assert client.smembers(KEYS.trained) == {b"g1", b"g2"}
+    assert client.hgetall(KEYS.step_crashes) == {} and pending(client) == 0

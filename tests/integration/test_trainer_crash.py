@@ -50,15 +50,13 @@ def start_trainer(config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_kill_9_then_resume_trains_every_group_exactly_once(
-    tmp_path: Path, tiny_model_dir: Path, redis_url: str
-) -> None:
-    run_dir = tmp_path / "run"
+def write_config(tmp_path: Path, tiny_model_dir: Path, redis_url: str, **trainer) -> Path:
+    """The experiment of these tests: a tiny model, 2 prompts a step, a checkpoint every 2 steps."""
     config = tmp_path / "exp.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "run": {"output_dir": str(run_dir)},
+                "run": {"output_dir": str(tmp_path / "run")},
                 "redis": {"url": redis_url},
                 "model": {"path": str(tiny_model_dir)},
                 "rewards": [
@@ -73,10 +71,19 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
                     "lr": 1e-4,
                     "metrics_port": 0,
                     "deepspeed": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8},
+                    **trainer,
                 },
             }
         )
     )
+    return config
+
+
+def test_kill_9_then_resume_trains_every_group_exactly_once(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, tiny_model_dir, redis_url)
     groups = generate_groups(tiny_model_dir, 10, seed=7)
     no_b = groups[0].model_copy(update={"group_id": "poison-no-b", "rewards": {"a": groups[0].rewards["a"]}})
     sampled = groups[1].completions[0]
@@ -140,3 +147,51 @@ def test_kill_9_then_resume_trains_every_group_exactly_once(
     lineage = [gid for step in sorted(effective) for gid in effective[step]]
     assert sorted(lineage) == sorted(produced)  # each group in the final model's history exactly once
     assert records[2]["group_ids"] == records[3]["group_ids"]  # the redelivered groups, in order
+
+
+def test_a_step_the_trainer_dies_in_three_times_is_dead_lettered_and_the_run_finishes(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    """A step whose groups kill the trainer (here kill -9 while it learns on them, as the OOM killer
+    would) would be redelivered after every restart, forever. Right: after the third death in that step
+    the next trainer dead-letters its two groups (kind crashed_trainer) and trains the other groups to the
+    end; every group ends in exactly one ledger set."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, tiny_model_dir, redis_url, total_steps=3)
+    groups = generate_groups(tiny_model_dir, 8, seed=3)
+    push(redis_url, groups)
+    client = redis.Redis.from_url(redis_url)
+    first_step = {g.group_id.encode() for g in groups[:2]}
+    deaths = 0
+
+    def in_the_first_step() -> bool:  # the restart has counted the deaths so far and is learning again
+        counted = int(client.hget(KEYS.step_crashes, groups[0].group_id) or 0)
+        return counted == deaths and client.smembers(KEYS.in_step) == first_step
+
+    while deaths < 3:  # a kill that lands outside the update (publish, commit) counts no death: again
+        trainer = start_trainer(config, "--resume")
+        deadline = time.monotonic() + 300
+        while not in_the_first_step():
+            assert trainer.poll() is None, trainer.communicate()[0]
+            assert time.monotonic() < deadline, "the trainer never reached its first step"
+            time.sleep(0.002)
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        deaths += client.smembers(KEYS.in_step) == first_step
+        assert client.scard(KEYS.trained) == 0  # the first checkpoint (step 2) was never reached
+
+    last = start_trainer(config, "--resume")
+    output, _ = last.communicate(timeout=300)
+    assert last.returncode == 0, output
+    letters = [letter for _, letter in read_dead_letters(client, KEYS)]
+    assert sorted((x.kind, x.group_id) for x in letters) == [
+        ("crashed_trainer", g.group_id) for g in groups[:2]
+    ]
+    assert all("died 3 times" in x.reason for x in letters)
+    assert {m.decode() for m in client.smembers(KEYS.trained)} == {g.group_id for g in groups[2:8]}
+    assert client.hgetall(KEYS.step_crashes) == {} and not client.exists(KEYS.in_step)
+    assert client.xpending(KEYS.groups, KEYS.trainer_group)["pending"] == 0
+    records = journal(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["crashed_trainer_total"] == 2
+    assert records[0]["group_ids"] == [g.group_id for g in groups[2:4]]
