@@ -229,7 +229,7 @@ class DeadLetter(_WireModel):
     * ``crashed_trainer`` (trainer, schema 2.2): a group in a step the trainer died while training
       ``trainer.max_crashes_per_group`` times (killed, out of memory, an error); left pending, it would
       crash every restart. Every group of such a step gets the count — which one caused it is not known —
-      so every one is kept here whole.
+      so usually the whole step is kept here, each group whole.
 
     The fields of the group are those of :class:`ScoredGroup`, each present as far as it is known.
     Schema 2.0 records (all reward failures, ``partial_rewards`` for ``rewards``) still validate.

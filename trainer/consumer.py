@@ -18,10 +18,12 @@
   with the ledger update (one MULTI/EXEC), so a crash before that redelivers them.
 * On start the trainer claims every pending entry of its consumer group (XAUTOCLAIM), whichever
   consumer name read it before, and serves those before new ones.
-* No crash loop on a group that kills the trainer: a step's group ids are in the ``in_step`` set while
-  the trainer learns on them (:meth:`begin_step` … :meth:`end_step`). A trainer that starts and finds the
-  set left behind counts one crash for each of those groups (``step_crashes``) and, at ``max_crashes``,
-  dead-letters them (kind ``crashed_trainer``) instead of training them again.
+* No crash loop on a group that kills the trainer: a step's group ids are in the ``in_step`` set from
+  the step's read to the end of its update (:meth:`begin_step` … :meth:`end_step`). A trainer that
+  starts and finds the set left behind counts one crash for each of those groups (``step_crashes``) and,
+  at ``max_crashes``, dead-letters them (kind ``crashed_trainer``) instead of training them again. Any
+  death in that window counts (a SIGKILL after a stop's grace period, a lost node too): the limit
+  tolerates ``max_crashes - 1`` of them per group.
 """
 
 from __future__ import annotations
@@ -289,7 +291,11 @@ class GroupConsumer:
         if group_id is not None and self._seen(group_id):
             counts.duplicate += 1
             log.warning("skipped a second copy of group %s (entry %s)", group_id, entry)
-            self.client.xack(self.keys.groups, self.keys.trainer_group, entry_id)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(self.keys.groups, self.keys.trainer_group, entry_id)
+            if group_id not in self._in_flight:  # settled (e.g. a commit finished on resume): no count left
+                self._forget_crashes(pipe, [group_id])
+            pipe.execute()
             return None
         if group is not None and self.rules is not None:
             reason = self.rules.violation(group)

@@ -264,17 +264,23 @@ class Trainer:
         timer = StepTimer()
         with timer.phase("wait"):
             pulled = self._pull(consumer, state, counts)
+            if consumer is not None and len(pulled.groups) == self.config.trainer.prompts_per_step:
+                # From here to the end of the update, dying counts a crash for each of these groups.
+                consumer.begin_step(pulled.groups)
             # Every rank records the skipped groups too: the sample budget must end every rank's loop alike.
             groups, pulled.skipped, pulled.informative = _broadcast(
                 (pulled.groups, pulled.skipped, pulled.informative)
             )
         if len(groups) < self.config.trainer.prompts_per_step:
             return None  # stopping
-        if self.sampling is None:  # counted at the τ this step trains with (_learn moves an adaptive τ)
-            pulled.informative = sum(map(self.informative, groups))
-        if consumer is not None:  # dying before end_step counts a crash for each of these groups
-            consumer.begin_step(groups)
-        batch, estimate, record = self._learn(engine, groups, state, timer)
+        try:
+            if self.sampling is None:  # counted at the τ this step trains with (_learn moves an adaptive τ)
+                pulled.informative = sum(map(self.informative, groups))
+            batch, estimate, record = self._learn(engine, groups, state, timer)
+        except KeyboardInterrupt:  # Ctrl-C is an operator's stop, not a crash the groups caused
+            if consumer is not None:
+                consumer.end_step()
+            raise
         if consumer is not None:
             consumer.end_step()
         state.step += 1

@@ -263,3 +263,25 @@ def test_a_crash_count_below_the_limit_is_dropped_once_the_group_is_trained(redi
     consumer.commit(pulled)
     assert client.smembers(KEYS.trained) == {b"g1", b"g2"}
     assert client.hgetall(KEYS.step_crashes) == {} and pending(client) == 0
+
+
+def test_a_crash_count_goes_when_a_resume_finishes_the_commit(redis_url: str) -> None:
+    """g1, g2 were in a step the trainer died in once; the next trainer trained them, saved the checkpoint
+    and died before acknowledging (the resume adds them to ``trained`` from ``state.committing``). Right:
+    their redelivered entries are skipped as copies and their crash counts dropped, not kept forever."""
+    client = redis.Redis.from_url(redis_url)
+    for name in ("g1", "g2", "g3"):
+        client.xadd(KEYS.groups, entry_fields(encode(group(name, 0))))
+    consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=3)
+    consumer.begin_step(consumer.pull(2, current_version=0, max_staleness=1, counts=Counts()).groups)
+    consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=3)  # counts the death
+    pulled = consumer.pull(2, current_version=0, max_staleness=1, counts=Counts())
+    consumer.begin_step(pulled.groups)
+    consumer.end_step()  # trained, checkpoint saved, then the trainer died before its commit
+    client.sadd(KEYS.trained, "g1", "g2")  # what the resume does from state.committing
+    assert client.hgetall(KEYS.step_crashes) == {b"g1": b"1", b"g2": b"1"}
+
+    counts = Counts()
+    consumer = GroupConsumer(client, KEYS, block_ms=50, max_crashes=3)
+    assert [g.group_id for g in consumer.pull(1, 0, 1, counts).groups] == ["g3"]
+    assert counts.duplicate == 2 and client.hgetall(KEYS.step_crashes) == {}
